@@ -1,0 +1,1 @@
+"""pagedserve frontend: tokenize, validate, detokenize, stop strings, stream."""

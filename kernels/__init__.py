@@ -1,0 +1,1 @@
+"""Attention and cache kernels: torch references (the oracle) and Triton kernels."""

@@ -1,0 +1,1 @@
+"""pagedserve scheduler: block tables, admission, batching, preemption. Never imports torch."""

@@ -1,0 +1,1 @@
+"""pagedserve shared package: wire protocol, client SDK, config, logging. Never imports torch."""

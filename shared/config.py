@@ -1,0 +1,83 @@
+"""Server configuration: one typed struct read by every role.
+
+Every role (`serve`, `scheduler`, `worker`, `frontend`) takes the same flags, so
+each can be started on its own and still agree with the others on sockets,
+block size and limits. Units are in the field names or comments.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import msgspec
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # model
+    model: str = "default"  # "default", a Hugging Face directory, or a .gguf file
+    dtype: Dtype = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    max_model_len: int | None = None  # tokens; None: the model's own limit
+    seed: int = 0  # default seed for requests without one (per-request randomness still differs)
+
+    # sockets
+    listen: str = "tcp://127.0.0.1:8765"  # client endpoint (frontend binds it)
+    run_dir: str = ""  # directory of the ipc sockets; "" -> default_run_dir()
+    scheduler_frontend_addr: str = ""  # "" -> ipc://RUN_DIR/scheduler-frontend.sock
+    scheduler_worker_addr: str = ""  # "" -> ipc://RUN_DIR/scheduler-worker.sock
+
+    # KV cache
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # overrides the measured device capacity
+    kv_cache_memory_gib: float | None = None  # CPU: KV budget; None: a share of free memory
+    gpu_memory_utilization: float = 0.90  # CUDA: share of total device memory we may use
+
+    # scheduling
+    max_num_seqs: int = 128  # sequences in one step
+    max_num_batched_tokens: int | None = None  # tokens in one step; None: max(max_model_len, 2048)
+
+    # topology
+    tensor_parallel_size: int = 1
+    rank: int = 0  # worker role only
+
+    # operations
+    stats_interval_s: float = 10.0
+    log_level: str = "info"
+
+    def resolved_run_dir(self) -> str:
+        return self.run_dir or default_run_dir()
+
+    def frontend_addr(self) -> str:
+        return self.scheduler_frontend_addr or f"ipc://{self.resolved_run_dir()}/scheduler-frontend.sock"
+
+    def worker_addr(self) -> str:
+        return self.scheduler_worker_addr or f"ipc://{self.resolved_run_dir()}/scheduler-worker.sock"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if not 0 <= self.rank < self.tensor_parallel_size:
+            raise ValueError(f"rank must be in [0, {self.tensor_parallel_size}), got {self.rank}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+
+
+def default_run_dir() -> str:
+    """systemd's RuntimeDirectory when set, else a per-user directory under /tmp."""
+    return os.environ.get("RUNTIME_DIRECTORY") or f"/tmp/pagedserve-{os.getuid()}"

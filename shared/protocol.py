@@ -1,0 +1,398 @@
+"""Every message that crosses a socket in pagedserve, and nothing else.
+
+Three sockets, three unions, one `Decoder` each (see `decoder_for`):
+
+* client  <-> frontend   : `ClientMessage`    / `ServerMessage`
+* frontend <-> scheduler : `FrontendMessage`  / `SchedulerMessage`
+* scheduler <-> worker   : `PlanMessage`      / `WorkerMessage`
+
+Conventions
+-----------
+* Internal messages are ``array_like=True, omit_defaults=True`` (compact, fixed
+  field order: append new fields at the end with defaults).
+* Messages on the client socket are encoded as maps and forbid unknown fields,
+  so a validation error names the offending field (``$.params.max_tokens``) and
+  an SDK built against a newer protocol fails loudly instead of silently.
+* Token ids are ``list[int]``, never tensors. No pickle, ever.
+* Units: lengths are in tokens unless a name says ``blocks`` or ``bytes``;
+  times are seconds (float) since the Unix epoch unless named ``*_s`` (durations).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Union
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+# Bounds on untrusted sizes. The frame itself is bounded by ZMQ_MAXMSGSIZE (shared/ipc.py).
+MAX_PROMPT_TOKENS = 1 << 20
+MAX_TEXT_CHARS = 1 << 24
+MAX_STOP_STRINGS = 64
+MAX_N = 64
+
+RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
+TokenIds = Annotated[list[int], Meta(max_length=MAX_PROMPT_TOKENS)]
+
+
+class ErrorCode(str, enum.Enum):
+    """`RequestError.code` values. Stable strings: clients branch on them."""
+
+    INVALID_REQUEST = "invalid_request"  # malformed or out-of-range input
+    TOO_LONG = "too_long"  # prompt + max_tokens cannot fit max_model_len or the KV cache
+    OVERLOADED = "overloaded"  # a bounded queue is full: retry later
+    UNAVAILABLE = "unavailable"  # the server (or a part of it) cannot be reached
+    SHUTTING_DOWN = "shutting_down"  # the server is draining
+    NOT_FOUND = "not_found"  # abort of an unknown request id
+    INTERNAL = "internal"  # a bug: logged with the request id
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len reached
+    ABORT = "abort"  # aborted by the client, a disconnect or a shutdown
+    ERROR = "error"  # the server failed this request
+
+
+# --------------------------------------------------------------------------
+# Sampling parameters (vLLM's names and meanings)
+# --------------------------------------------------------------------------
+
+
+class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """How to generate. Names and meanings follow vLLM's SamplingParams.
+
+    Construction never raises: a bad value is reported by the server as a
+    `RequestError` with code ``invalid_request`` (see `validate`).
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16  # None: up to max_model_len
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not (self.temperature >= 0.0) or self.temperature == float("inf"):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise ValueError("seed must fit in a signed 64-bit integer")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        if vocab_size is not None:
+            for t in self.stop_token_ids:
+                if not 0 <= t < vocab_size:
+                    raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab_size})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# --------------------------------------------------------------------------
+# client <-> frontend (map-encoded, unknown fields rejected)
+# --------------------------------------------------------------------------
+
+
+class _ClientStruct(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True, tag_field="kind"):
+    pass
+
+
+class ChatMessage(Struct, forbid_unknown_fields=True):
+    role: Annotated[str, Meta(min_length=1, max_length=64)]
+    content: Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
+
+
+class Generate(_ClientStruct, tag="generate"):
+    """Exactly one of prompt, messages, prompt_token_ids is set."""
+
+    request_id: RequestId
+    params: SamplingParams = field(default_factory=SamplingParams)
+    prompt: Annotated[str, Meta(max_length=MAX_TEXT_CHARS)] | None = None
+    messages: list[ChatMessage] | None = None
+    prompt_token_ids: TokenIds | None = None
+    stream: bool = False
+    priority: int = 0  # lower runs first
+
+
+class Abort(_ClientStruct, tag="abort"):
+    request_id: RequestId
+
+
+class HealthCheck(_ClientStruct, tag="health"):
+    request_id: RequestId
+
+
+class GetStats(_ClientStruct, tag="stats"):
+    request_id: RequestId
+
+
+ClientMessage = Union[Generate, Abort, HealthCheck, GetStats]
+
+
+class Delta(_ClientStruct, tag="delta"):
+    """A streamed piece of output `index`: new text and the token ids behind it."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    index: int = 0
+
+
+class CompletionOutput(Struct, kw_only=True, forbid_unknown_fields=True):
+    index: int
+    text: str
+    token_ids: list[int]  # generated ids only
+    finish_reason: str  # a FinishReason value
+
+
+class Completion(_ClientStruct, tag="completion"):
+    """The final answer: one output per `n`. Timings are durations in seconds."""
+
+    request_id: str
+    outputs: list[CompletionOutput]
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_token_ids: list[int] = field(default_factory=list)
+    ttft_s: float = 0.0  # frontend receipt -> first generated token
+    latency_s: float = 0.0  # frontend receipt -> completion
+    num_preemptions: int = 0
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str:
+        return self.outputs[0].finish_reason
+
+
+class ErrorReply(_ClientStruct, tag="error"):
+    """Raised by the SDK as `RequestError(code, message)`."""
+
+    request_id: str
+    code: str  # an ErrorCode value
+    message: str
+
+
+class HealthReply(_ClientStruct, tag="health"):
+    request_id: str
+    status: str  # "ok" | "starting" | "draining" | "degraded"
+    model: str = ""
+    workers_ready: int = 0
+    workers_expected: int = 0
+
+
+class StatsReply(_ClientStruct, tag="stats"):
+    request_id: str
+    stats: dict[str, Any]
+
+
+ServerMessage = Union[Delta, Completion, ErrorReply, HealthReply, StatsReply]
+
+
+# --------------------------------------------------------------------------
+# frontend <-> scheduler (internal, array-like)
+# --------------------------------------------------------------------------
+
+
+class _Internal(Struct, array_like=True, omit_defaults=True, tag=True):
+    pass
+
+
+class FrontendHello(_Internal, tag="fe_hello"):
+    """Sent on connect (and again after a scheduler restart): asks for `EngineInfo`."""
+
+    frontend_id: str
+
+
+class AddRequest(_Internal, tag="add"):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    priority: int = 0
+
+
+class AbortRequests(_Internal, tag="abort"):
+    request_ids: list[str]
+
+
+class StatsQuery(_Internal, tag="stats_q"):
+    query_id: str
+
+
+FrontendMessage = Union[FrontendHello, AddRequest, AbortRequests, StatsQuery]
+
+
+class EngineInfo(_Internal, tag="engine_info"):
+    """What the frontend must know to validate requests. ready=False: no worker yet."""
+
+    ready: bool
+    model: str = ""
+    max_model_len: int = 0  # tokens
+    vocab_size: int = 0
+    eos_token_ids: list[int] = field(default_factory=list)
+    block_size: int = 0  # tokens per KV block
+    num_device_blocks: int = 0
+    workers_ready: int = 0
+    workers_expected: int = 0
+
+
+class TokenDelta(_Internal, tag="td"):
+    """New tokens of output `index` of a request. finish_reason set on its last delta."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    finish_reason: str | None = None
+    num_preemptions: int = 0  # set on the finishing delta
+
+
+class EngineOutputs(_Internal, tag="outputs"):
+    deltas: list[TokenDelta]
+
+
+class RequestRejected(_Internal, tag="rejected"):
+    request_id: str
+    code: str  # an ErrorCode value
+    message: str
+
+
+class StatsResult(_Internal, tag="stats_r"):
+    query_id: str
+    stats: dict[str, Any]
+
+
+SchedulerMessage = Union[EngineInfo, EngineOutputs, RequestRejected, StatsResult]
+
+
+# --------------------------------------------------------------------------
+# scheduler <-> worker (internal, array-like; changes, not snapshots)
+# --------------------------------------------------------------------------
+
+
+class WorkerHello(_Internal, tag="w_hello"):
+    """A worker's start-up handshake: its capacity and the model's facts."""
+
+    rank: int
+    world_size: int
+    num_device_blocks: int  # KV blocks this rank can hold on its device
+    num_host_blocks: int  # KV blocks of host swap space
+    block_size: int  # tokens per block
+    max_model_len: int  # tokens
+    vocab_size: int
+    eos_token_ids: list[int]
+    model: str
+    dtype: str
+    device: str
+    memory: dict[str, int] = field(default_factory=dict)  # bytes: weights, kv_cache, ...
+
+
+class NewSeq(Struct, array_like=True, omit_defaults=True):
+    """A sequence the worker has not seen (or must rebuild after a preemption).
+
+    `token_ids` are every known token (prompt + generated so far); `prompt_len`
+    separates them, so the worker knows the generated-token index for seeding.
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    prompt_len: int
+    block_ids: list[int]
+    params: SamplingParams
+    output_index: int = 0  # which of the request's n outputs
+
+
+class ScheduledSeq(Struct, array_like=True, omit_defaults=True):
+    """Work for one sequence this step: compute tokens
+    [num_computed_tokens, num_computed_tokens + num_tokens) of its token list.
+
+    `new_block_ids` are appended to the sequence's block table first. When the
+    chunk reaches the end of the known tokens the worker samples one token.
+    """
+
+    seq_id: int
+    num_tokens: int
+    num_computed_tokens: int
+    new_block_ids: list[int] = field(default_factory=list)
+
+
+BlockPairs = list[tuple[int, int]]  # (src block id, dst block id)
+
+
+class StepPlan(_Internal, tag="plan"):
+    """One step. The worker applies, in order: drop `finished_seq_ids`, swap_out,
+    swap_in, copy, register `new_seqs`, then runs `scheduled` and samples."""
+
+    step_id: int
+    scheduled: list[ScheduledSeq]
+    new_seqs: list[NewSeq] = field(default_factory=list)
+    finished_seq_ids: list[int] = field(default_factory=list)
+    swap_out: BlockPairs = field(default_factory=list)  # device -> host
+    swap_in: BlockPairs = field(default_factory=list)  # host -> device
+    copy: BlockPairs = field(default_factory=list)  # device -> device (copy-on-write)
+
+
+class Shutdown(_Internal, tag="shutdown"):
+    reason: str = ""
+
+
+PlanMessage = Union[StepPlan, Shutdown]
+
+
+class StepResult(_Internal, tag="result"):
+    """`sampled[i]` is the token sampled for `plan.scheduled[i]`, or -1 when that
+    sequence's chunk did not reach its end (a partial prefill)."""
+
+    step_id: int
+    sampled: list[int]
+    step_time_s: float = 0.0  # worker-side wall time of the step
+
+
+class WorkerError(_Internal, tag="w_error"):
+    """A worker failed a step; the scheduler fails or retries the step's requests."""
+
+    step_id: int
+    message: str
+
+
+WorkerMessage = Union[WorkerHello, StepResult, WorkerError]
+
+
+# --------------------------------------------------------------------------
+# codecs
+# --------------------------------------------------------------------------
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decoder_for(union: Any) -> msgspec.msgpack.Decoder:
+    """One decoder per socket: decodes every message kind of that socket's union."""
+    return msgspec.msgpack.Decoder(union)

@@ -1,0 +1,1 @@
+"""pagedserve worker: owns a device, executes step plans, never decides policy."""
