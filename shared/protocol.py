@@ -155,6 +155,7 @@ class Delta(_ClientStruct, tag="delta"):
     text: str
     token_ids: list[int]
     index: int = 0
+    finish_reason: str | None = None  # set on the last delta of output `index`
 
 
 class CompletionOutput(Struct, kw_only=True, forbid_unknown_fields=True):

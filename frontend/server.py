@@ -1,0 +1,283 @@
+"""The frontend: the client socket, validation, tokenization, streaming.
+
+Owns everything about text. Holds each in-flight request's prompt ids and the
+tokens generated so far (so a later change can resubmit them to a restarted
+scheduler). Every bad input is answered with an `ErrorReply` to that client alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from frontend.detokenizer import OutputText
+from frontend.engine_client import EngineClient
+from frontend.tokenizer import Tokenizer
+from shared import protocol as p
+from shared.config import ServerConfig
+from shared.ipc import bind, make_router
+from shared.logging import get_logger
+from shared.protocol import ErrorCode
+
+log = get_logger()
+
+HELLO_RETRY_S = 1.0
+
+
+class BadRequest(Exception):
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class FrontendRequest:
+    """One in-flight request. Times are `time.monotonic()` seconds."""
+
+    request_id: str
+    client: bytes
+    stream: bool
+    prompt_ids: list[int]
+    params: p.SamplingParams
+    outputs: list[OutputText]
+    arrival: float
+    finish: list[str | None] = field(default_factory=list)
+    first_token_at: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+
+class FrontendServer:
+    def __init__(self, config: ServerConfig, tokenizer: Tokenizer, model_name: str):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.ctx = zmq.asyncio.Context()
+        self.clients = make_router(self.ctx)
+        self.engine = EngineClient(self.ctx, config.frontend_addr(), self._on_engine_message)
+        self.info: p.EngineInfo | None = None
+        self.requests: dict[str, FrontendRequest] = {}
+        self._decoder = p.decoder_for(p.ClientMessage)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._finished = 0
+        self._rejected = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.info is not None and self.info.ready
+
+    # -- main loop ----------------------------------------------------------
+    async def run(self) -> None:
+        bind(self.clients, self.config.listen)
+        log.info("frontend.listening", listen=self.config.listen, scheduler=self.config.frontend_addr())
+        tasks = [asyncio.create_task(self.engine.run()), asyncio.create_task(self._hello_until_ready()),
+                 asyncio.create_task(self._client_loop())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _hello_until_ready(self) -> None:
+        while not self.ready:
+            await self.engine.hello()
+            await asyncio.sleep(HELLO_RETRY_S)
+
+    async def _client_loop(self) -> None:
+        while True:
+            frames = await self.clients.recv_multipart()
+            if len(frames) != 2:
+                continue  # a DEALER sends exactly one frame; anything else is not our client
+            client, frame = frames
+            try:
+                msg = self._decoder.decode(frame)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                await self._reply_error(client, _request_id_of(frame), ErrorCode.INVALID_REQUEST,
+                                        f"malformed request: {e}")
+                continue
+            try:
+                await self._dispatch(client, msg)
+            except BadRequest as e:
+                await self._reply_error(client, msg.request_id, e.code, e.message)
+            except Exception as e:  # a bug must not take the frontend down for everyone
+                log.exception("frontend.internal_error", request_id=msg.request_id)
+                await self._reply_error(client, msg.request_id, ErrorCode.INTERNAL, f"internal error: {e!r}")
+
+    async def _dispatch(self, client: bytes, msg: p.ClientMessage) -> None:
+        if isinstance(msg, p.Generate):
+            await self._generate(client, msg)
+        elif isinstance(msg, p.Abort):
+            req = self.requests.get(msg.request_id)
+            if req is not None and req.client == client:
+                await self.engine.abort([msg.request_id])
+        elif isinstance(msg, p.HealthCheck):
+            info = self.info or p.EngineInfo(ready=False)
+            await self._send(client, p.HealthReply(
+                request_id=msg.request_id, status="ok" if self.ready else "starting", model=self.model_name,
+                workers_ready=info.workers_ready, workers_expected=info.workers_expected))
+        elif isinstance(msg, p.GetStats):
+            await self._send(client, p.StatsReply(request_id=msg.request_id, stats=await self._stats()))
+
+    # -- requests -----------------------------------------------------------
+    async def _generate(self, client: bytes, msg: p.Generate) -> None:
+        if not self.ready:
+            raise BadRequest(ErrorCode.UNAVAILABLE, "the server is starting: no worker is ready yet")
+        if msg.request_id in self.requests:
+            raise BadRequest(ErrorCode.INVALID_REQUEST, f"request id {msg.request_id!r} is already in flight")
+        prompt_ids = self._prompt_ids(msg)
+        self._check_lengths(prompt_ids, msg.params)
+        decode = self._decoder_fn(msg.params.skip_special_tokens)
+        outputs = [OutputText(decode, prompt_ids, msg.params.stop, msg.params.include_stop_str_in_output)
+                   for _ in range(msg.params.n)]
+        req = FrontendRequest(request_id=msg.request_id, client=client, stream=msg.stream, prompt_ids=prompt_ids,
+                              params=msg.params, outputs=outputs, arrival=time.monotonic(),
+                              finish=[None] * msg.params.n)
+        self.requests[msg.request_id] = req
+        await self.engine.add(msg.request_id, prompt_ids, msg.params, time.time(), msg.priority)
+
+    def _prompt_ids(self, msg: p.Generate) -> list[int]:
+        given = [x is not None for x in (msg.prompt, msg.messages, msg.prompt_token_ids)]
+        if sum(given) != 1:
+            raise BadRequest(ErrorCode.INVALID_REQUEST, "give exactly one of prompt, messages, prompt_token_ids")
+        vocab = self.info.vocab_size
+        try:
+            msg.params.validate(vocab)
+        except ValueError as e:
+            raise BadRequest(ErrorCode.INVALID_REQUEST, str(e)) from None
+        if msg.prompt_token_ids is not None:
+            ids = msg.prompt_token_ids
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise BadRequest(ErrorCode.INVALID_REQUEST,
+                                 f"prompt_token_ids: {bad} is outside the vocabulary [0, {vocab})")
+        else:
+            try:
+                if msg.prompt is not None:
+                    ids = self.tokenizer.encode(msg.prompt)
+                else:
+                    ids = self.tokenizer.encode_chat([{"role": m.role, "content": m.content}
+                                                      for m in msg.messages])
+            except Exception as e:
+                raise BadRequest(ErrorCode.INVALID_REQUEST, f"cannot tokenize the prompt: {e}") from None
+        if not ids:
+            raise BadRequest(ErrorCode.INVALID_REQUEST, "the prompt is empty")
+        return ids
+
+    def _check_lengths(self, prompt_ids: list[int], params: p.SamplingParams) -> None:
+        limit = self.info.max_model_len
+        need = len(prompt_ids) + (params.max_tokens or 1)
+        if need > limit:
+            raise BadRequest(ErrorCode.TOO_LONG,
+                             f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "
+                             f"tokens exceeds max_model_len ({limit})")
+
+    def _decoder_fn(self, skip_special_tokens: bool):
+        tok = self.tokenizer
+        return lambda ids: tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # -- engine -> clients ---------------------------------------------------
+    async def _on_engine_message(self, msg: p.SchedulerMessage) -> None:
+        if isinstance(msg, p.EngineOutputs):
+            for delta in msg.deltas:
+                await self._on_delta(delta)
+        elif isinstance(msg, p.RequestRejected):
+            req = self.requests.pop(msg.request_id, None)
+            if req is not None:
+                self._rejected += 1
+                await self._reply_error(req.client, msg.request_id, msg.code, msg.message)
+        elif isinstance(msg, p.EngineInfo):
+            was_ready = self.ready
+            self.info = msg
+            if msg.ready and not was_ready:
+                log.info("server.ready", listen=self.config.listen, model=msg.model,
+                         max_model_len=msg.max_model_len, kv_blocks=msg.num_device_blocks,
+                         block_size=msg.block_size)
+
+    async def _on_delta(self, delta: p.TokenDelta) -> None:
+        req = self.requests.get(delta.request_id)
+        if req is None or req.finish[delta.index] is not None:
+            return  # finished by a stop string, or unknown
+        out = req.outputs[delta.index]
+        if req.first_token_at is None and delta.token_ids:
+            req.first_token_at = time.monotonic()
+        out.append(delta.token_ids)
+        finish = "stop" if out.stopped else delta.finish_reason
+        req.num_preemptions = max(req.num_preemptions, delta.num_preemptions)
+        if req.stream:
+            await self._send(req.client, p.Delta(request_id=req.request_id, index=delta.index,
+                                                 text=out.release(finish is not None),
+                                                 token_ids=delta.token_ids, finish_reason=finish))
+        if finish is not None:
+            req.finish[delta.index] = finish
+            if req.done:
+                await self._complete(req, engine_finished=delta.finish_reason is not None)
+
+    async def _complete(self, req: FrontendRequest, engine_finished: bool) -> None:
+        if self.requests.pop(req.request_id, None) is None:
+            return  # its client went away while we streamed to it
+        if not engine_finished or any(o.stopped for o in req.outputs):
+            await self.engine.abort([req.request_id])  # a stop string ended it: free its blocks now
+        now = time.monotonic()
+        ttft = (req.first_token_at or now) - req.arrival
+        outputs = [p.CompletionOutput(index=i, text=o.text, token_ids=o.token_ids, finish_reason=req.finish[i])
+                   for i, o in enumerate(req.outputs)]
+        completion_tokens = sum(len(o.token_ids) for o in req.outputs)
+        self._finished += 1
+        log.info("request.finished", request_id=req.request_id, prompt_tokens=len(req.prompt_ids),
+                 completion_tokens=completion_tokens, ttft_s=round(ttft, 6), latency_s=round(now - req.arrival, 6),
+                 finish_reason=req.finish[0], num_preemptions=req.num_preemptions)
+        await self._send(req.client, p.Completion(
+            request_id=req.request_id, outputs=outputs, prompt_tokens=len(req.prompt_ids),
+            completion_tokens=completion_tokens, prompt_token_ids=req.prompt_ids, ttft_s=ttft,
+            latency_s=now - req.arrival, num_preemptions=req.num_preemptions))
+
+    # -- plumbing -------------------------------------------------------------
+    async def _stats(self) -> dict:
+        stats = {"frontend_requests_in_flight": len(self.requests), "frontend_requests_finished": self._finished,
+                 "frontend_requests_rejected": self._rejected}
+        if self.ready:
+            try:
+                stats.update(await self.engine.stats())
+            except asyncio.TimeoutError:
+                stats["scheduler"] = "unreachable"
+        return stats
+
+    async def _send(self, client: bytes, msg: p.ServerMessage) -> None:
+        try:
+            await self.clients.send_multipart([client, self._encoder.encode(msg)])
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            await self._client_gone(client)
+
+    async def _client_gone(self, client: bytes) -> None:
+        gone = [rid for rid, r in self.requests.items() if r.client == client]
+        for rid in gone:
+            del self.requests[rid]
+        log.warning("frontend.client_gone", request_ids=gone)
+        await self.engine.abort(gone)
+
+    async def _reply_error(self, client: bytes, request_id: str, code: ErrorCode | str, message: str) -> None:
+        code = code.value if isinstance(code, ErrorCode) else code
+        log.warning("request.error", request_id=request_id, code=code, error=message)
+        await self._send(client, p.ErrorReply(request_id=request_id, code=code, message=message))
+
+
+def _request_id_of(frame: bytes) -> str:
+    """Best effort: the request id of a frame that failed validation, so the error reaches its caller."""
+    try:
+        obj = msgspec.msgpack.decode(frame)
+    except msgspec.DecodeError:
+        return ""
+    rid = obj.get("request_id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, str) and len(rid) <= 128 else ""

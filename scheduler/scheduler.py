@@ -1,0 +1,308 @@
+"""The scheduler's core: requests in, step plans out, sampled tokens back in.
+
+Torch-free and socket-free: `scheduler/loop.py` moves the messages; this class
+decides. Call order per step: `schedule()`, send the plan, then
+`update(plan, result)` with the worker's `StepResult`, before the next
+`schedule()`. `add_request` and `abort` may come at any time in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from scheduler.admission import Limits, Rejected, check_request
+from scheduler.block_manager import BlockManager
+from scheduler.policy import BatchPolicy
+from scheduler.sequence import Request, Sequence, SeqStatus
+from shared.config import ServerConfig
+from shared.logging import get_logger
+from shared.protocol import (
+    AddRequest,
+    ErrorCode,
+    FinishReason,
+    NewSeq,
+    RequestRejected,
+    ScheduledSeq,
+    StepPlan,
+    StepResult,
+    TokenDelta,
+)
+
+_log = get_logger("scheduler")
+
+_STOP = FinishReason.STOP.value
+_LENGTH = FinishReason.LENGTH.value
+_ABORT = FinishReason.ABORT.value
+
+
+class Scheduler:
+    """Block tables, admission, continuous batching and preemption for one model.
+
+    Sizes come from the workers' handshake: `num_device_blocks` KV blocks of
+    `block_size` tokens; `max_model_len` tokens per sequence.
+
+    The worker is told changes, not snapshots: a sequence entering the running
+    set (after admission or a preemption) is sent once as a `NewSeq`; then only
+    its new block ids. A sequence the worker holds is named once in
+    `finished_seq_ids` when it finishes, is aborted or is preempted.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        num_device_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        vocab_size: int,
+        eos_token_ids: list[int],
+    ) -> None:
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_num_batched_tokens = config.max_num_batched_tokens or max(max_model_len, 2048)
+        self.block_manager = BlockManager(num_device_blocks, block_size)
+        self.policy = BatchPolicy(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            on_preempt=self._on_preempt,
+        )
+        self._limits = Limits(max_model_len, vocab_size, num_device_blocks, block_size, self.max_num_batched_tokens)
+        self._requests: dict[str, Request] = {}  # in flight: at least one sequence unfinished
+        self._seqs: dict[int, Sequence] = {}  # unfinished sequences
+        self._next_seq_id = 0
+        self._next_step_id = 0
+        self._in_flight: StepPlan | None = None  # planned, its result not yet applied
+        self._to_drop: list[int] = []  # seq ids for the next plan's finished_seq_ids
+        self._counters = dict.fromkeys(
+            ("requests_finished", "requests_aborted", "requests_rejected", "preemptions", "tokens_generated", "steps"),
+            0,
+        )
+
+    # -- requests ------------------------------------------------------------
+
+    def add_request(self, msg: AddRequest, frontend: bytes) -> RequestRejected | None:
+        """Queue `msg`, or reject it at once (and log `request.rejected`)."""
+        try:
+            if msg.request_id in self._requests:
+                raise Rejected(ErrorCode.INVALID_REQUEST, f"request id {msg.request_id!r} is already in flight")
+            max_tokens = check_request(msg, self._limits)
+        except Rejected as r:
+            self._counters["requests_rejected"] += 1
+            _log.info("request.rejected", request_id=msg.request_id, code=r.code.value, reason=r.message)
+            return RequestRejected(msg.request_id, r.code.value, r.message)
+
+        params = msg.params
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.eos_token_ids
+        request = Request(
+            request_id=msg.request_id,
+            prompt_token_ids=msg.prompt_token_ids,
+            params=params,
+            arrival_time=msg.arrival_time,
+            priority=msg.priority,
+            frontend=frontend,
+            max_tokens=max_tokens,
+            stop_token_ids=frozenset(stop_ids),
+        )
+        for index in range(params.n):
+            seq = Sequence(self._next_seq_id, request, index, list(msg.prompt_token_ids))
+            self._next_seq_id += 1
+            request.seqs.append(seq)
+            self._seqs[seq.seq_id] = seq
+            self.policy.enqueue(seq)
+        self._requests[msg.request_id] = request
+        return None
+
+    def abort(self, request_ids: Iterable[str], finish_reason: str = _ABORT) -> list[TokenDelta]:
+        """Finish every unfinished sequence of these requests now, freeing their
+        blocks; unknown ids (already finished, never seen) are ignored.
+        Returns one finishing delta (no tokens) per sequence aborted."""
+        deltas = []
+        for request_id in request_ids:
+            request = self._requests.get(request_id)
+            if request is None:
+                continue
+            for seq in request.seqs:
+                if seq.status is not SeqStatus.FINISHED:
+                    self._finish(seq, finish_reason)
+                    deltas.append(TokenDelta(request_id, seq.output_index, [], finish_reason, seq.num_preemptions))
+            self._counters["requests_aborted"] += 1
+        if deltas:
+            self.policy.remove_finished_running()
+            self.policy.remove_finished_waiting()
+        return deltas
+
+    def abort_frontend(self, frontend: bytes) -> list[str]:
+        """Abort every request of a frontend that went away; returns their ids.
+        O(requests in flight): only on a disconnect."""
+        request_ids = [rid for rid, request in self._requests.items() if request.frontend == frontend]
+        self.abort(request_ids)
+        return request_ids
+
+    def abort_all(self, finish_reason: str = _ABORT) -> list[tuple[bytes, TokenDelta]]:
+        """Abort everything (a drain that timed out); deltas with their frontends."""
+        frontends = {rid: request.frontend for rid, request in self._requests.items()}
+        return [(frontends[d.request_id], d) for d in self.abort(list(frontends), finish_reason)]
+
+    # -- steps ---------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.policy.running or self.policy.waiting)
+
+    def schedule(self) -> StepPlan:
+        """The next step. With work queued it schedules at least one sequence."""
+        if self._in_flight is not None:
+            raise RuntimeError(f"step {self._in_flight.step_id} is in flight: update() it before scheduling again")
+        batch = self.policy.schedule_next_batch()  # preemptions land in _to_drop via _on_preempt
+        for seq in batch.admitted:
+            seq.on_worker = True
+        plan = StepPlan(
+            step_id=self._next_step_id,
+            scheduled=[
+                ScheduledSeq(seq.seq_id, num_tokens, seq.num_computed_tokens, new_blocks)
+                for seq, num_tokens, new_blocks in batch.scheduled
+            ],
+            new_seqs=[
+                NewSeq(seq.seq_id, list(seq.token_ids), seq.prompt_len, list(seq.block_table), seq.request.params,
+                       seq.output_index)
+                for seq in batch.admitted
+            ],
+            finished_seq_ids=self._to_drop,
+        )
+        self._to_drop = []
+        self._next_step_id += 1
+        self._in_flight = plan
+        return plan
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[tuple[bytes, TokenDelta]]:
+        """Apply the worker's sampled tokens; returns (frontend identity, delta)
+        pairs: one per sequence that sampled a token. Sequences aborted while
+        the step was in flight are skipped."""
+        if self._in_flight is None or plan.step_id != self._in_flight.step_id:
+            raise ValueError(f"plan {plan.step_id} is not the step in flight")
+        if result.step_id != plan.step_id or len(result.sampled) != len(plan.scheduled):
+            raise ValueError(
+                f"result of step {result.step_id} with {len(result.sampled)} tokens does not answer "
+                f"step {plan.step_id} with {len(plan.scheduled)} sequences"
+            )
+        self._in_flight = None
+        self._counters["steps"] += 1
+        outputs = []
+        any_finished = False
+        for work, token in zip(plan.scheduled, result.sampled):
+            seq = self._seqs.get(work.seq_id)
+            if seq is None or seq.status is not SeqStatus.RUNNING:
+                continue
+            seq.num_computed_tokens = work.num_computed_tokens + work.num_tokens
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # a partial prefill chunk samples nothing
+            if not 0 <= token < self.vocab_size:
+                raise ValueError(f"step {plan.step_id}: sequence {seq.seq_id} sampled {token}, outside the vocabulary")
+            seq.token_ids.append(token)
+            self._counters["tokens_generated"] += 1
+            delta = TokenDelta(seq.request_id, seq.output_index, [token])
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self._finish(seq, reason)
+                delta.finish_reason = reason
+                delta.num_preemptions = seq.num_preemptions
+                any_finished = True
+            outputs.append((seq.request.frontend, delta))
+        if any_finished:
+            self.policy.remove_finished_running()
+        return outputs
+
+    def on_worker_restart(self) -> None:
+        """The worker lost its state (it restarted or reconnected): forget the
+        step in flight and preempt every running sequence by recompute, so the
+        next plans resend everything as `NewSeq`s. Nothing is lost."""
+        self._in_flight = None
+        self.policy.preempt_all(cause="worker_restart")
+        for seq in self._seqs.values():
+            seq.on_worker = False
+        self._to_drop = []  # a fresh worker holds nothing to drop
+
+    # -- internals -----------------------------------------------------------
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        """Checked after appending `token` to `seq`."""
+        if token in seq.request.stop_token_ids:
+            return _STOP
+        if seq.num_output_tokens >= seq.request.max_tokens or seq.num_tokens >= self.max_model_len:
+            return _LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """Free `seq` now; the caller removes it from the policy's lists."""
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        if self.block_manager.has_table(seq.seq_id):
+            self.block_manager.free(seq.seq_id)
+        self._release_from_worker(seq)
+        del self._seqs[seq.seq_id]
+        request = seq.request
+        if request.is_finished():
+            del self._requests[request.request_id]
+            self._counters["requests_finished"] += 1
+
+    def _on_preempt(self, seq: Sequence, cause: str) -> None:
+        """Called by the policy before the victim's blocks are freed."""
+        self._counters["preemptions"] += 1
+        _log.info(
+            "request.preempted",
+            request_id=seq.request_id,
+            seq_id=seq.seq_id,
+            mode="recompute",
+            cause=cause,
+            tokens_to_recompute=seq.num_tokens,
+            kv_blocks_used=self.block_manager.num_used_blocks,
+            kv_blocks_total=self.block_manager.num_blocks,
+        )
+        self._release_from_worker(seq)
+
+    def _release_from_worker(self, seq: Sequence) -> None:
+        if seq.on_worker:
+            seq.on_worker = False
+            self._to_drop.append(seq.seq_id)
+
+    # -- introspection -------------------------------------------------------
+
+    def get_sequence(self, seq_id: int) -> Sequence | None:
+        """An unfinished sequence by id (for tests and debugging)."""
+        return self._seqs.get(seq_id)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": len(self.policy.running),
+            "waiting": len(self.policy.waiting),
+            "swapped": 0,
+            "requests_in_flight": len(self._requests),
+            **self._counters,
+            "kv_blocks_used": self.block_manager.num_used_blocks,
+            "kv_blocks_total": self.block_manager.num_blocks,
+        }
+
+    def check_invariants(self) -> None:
+        """O(everything): for tests. Between steps (no plan in flight), every
+        running sequence has KV for all its tokens but the last sampled one."""
+        self.block_manager.check_invariants()
+        running, waiting = self.policy.running, list(self.policy.waiting)
+        if running != sorted(running, key=lambda s: s.sort_key):
+            raise AssertionError("running is out of policy order")
+        if len(running) + len(waiting) != len(self._seqs) or {s.seq_id for s in running + waiting} != self._seqs.keys():
+            raise AssertionError("running + waiting disagree with the unfinished sequences")
+        for seq in running:
+            if seq.status is not SeqStatus.RUNNING or seq.block_table is not self.block_manager.block_table(seq.seq_id):
+                raise AssertionError(f"running sequence {seq.seq_id} has status {seq.status} or a stale table")
+            if self._in_flight is None and not (
+                seq.num_computed_tokens == seq.num_tokens - 1 == self.block_manager.num_slots(seq.seq_id)
+            ):
+                raise AssertionError(f"running sequence {seq.seq_id}: computed {seq.num_computed_tokens} of {seq.num_tokens}")
+        for seq in waiting:
+            if seq.status is not SeqStatus.WAITING or seq.block_table or self.block_manager.has_table(seq.seq_id):
+                raise AssertionError(f"waiting sequence {seq.seq_id} holds blocks or has status {seq.status}")
+            if seq.num_computed_tokens != 0 or seq.on_worker:
+                raise AssertionError(f"waiting sequence {seq.seq_id} is computed or on the worker")

@@ -1,0 +1,93 @@
+"""What the scheduler tracks per request and per generated output (sequence).
+
+A request with `params.n == k` has k sequences, one per output index. Each is
+scheduled on its own (no KV shared between them yet). Lengths are in tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from shared.protocol import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # holds no KV blocks; queued in policy order
+    RUNNING = "running"  # holds KV blocks for num_computed_tokens (plus this step's tokens)
+    FINISHED = "finished"  # done, aborted or failed; holds nothing
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    """One `AddRequest`, as admitted. `max_tokens` is resolved: never None."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float  # seconds since the epoch, from the frontend
+    priority: int  # lower runs first
+    frontend: bytes  # routing identity of the frontend that sent it
+    max_tokens: int  # generated tokens at most, per sequence
+    stop_token_ids: frozenset[int]  # EOS (unless ignore_eos) and params.stop_token_ids
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def is_finished(self) -> bool:
+        return all(seq.status is SeqStatus.FINISHED for seq in self.seqs)
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    """One output of a request: its tokens, progress and KV blocks.
+
+    `token_ids` is the prompt followed by every generated token; the first
+    `num_computed_tokens` of them have KV in the cache (0 while waiting: a
+    preempted sequence recomputes everything, keeping its generated tokens).
+
+    `block_table` is the BlockManager's live table for this sequence (read it,
+    never change it); empty while the sequence holds no blocks.
+
+    `on_worker` is True between the step that sends this sequence as a
+    `NewSeq` and the step whose `finished_seq_ids` tells the worker to drop it.
+    """
+
+    seq_id: int
+    request: Request
+    output_index: int
+    token_ids: list[int]
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    on_worker: bool = False
+    # Policy order, best first: priority, then arrival; the scheduler assigns
+    # seq ids in arrival order, so the id breaks ties deterministically.
+    sort_key: tuple[int, float, int] = (0, 0.0, 0)
+
+    def __post_init__(self) -> None:
+        self.sort_key = (self.request.priority, self.request.arrival_time, self.seq_id)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return self.request.prompt_len
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.request.prompt_len
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.request.prompt_len :]

@@ -1,0 +1,69 @@
+import pytest
+
+from frontend.detokenizer import OutputText
+from frontend.tokenizer import Tokenizer
+from shared.models import resolve_model
+
+TEXTS = [
+    "Hello, world! This is a plain ASCII sentence.",
+    "Ünïcödé: naïve café, 東京タワー, 😀🎉 and Ελληνικά.",
+    "  leading spaces\n\ttabs and\nnew lines  ",
+    "emoji pairs 👩‍👩‍👧 family, flags 🇫🇷🇯🇵",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(resolve_model("default"))
+
+
+def _decoder(tok):
+    return lambda ids: tok.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_one_token_at_a_time_equals_full_decode(tok, text):
+    prompt = tok.encode("Say something:")
+    ids = tok.hf.encode(text, add_special_tokens=False)
+    out = OutputText(_decoder(tok), prompt, stop=[])
+    streamed = ""
+    for tid in ids:
+        out.append([tid])
+        piece = out.release(finished=False)
+        assert "\ufffd" not in piece
+        streamed += piece
+    streamed += out.release(finished=True)
+    assert streamed == out.text == tok.decode(ids)
+
+
+def test_stop_string_spanning_tokens_is_cut_and_never_streamed(tok):
+    text = "The answer is forty-two, of course."
+    ids = tok.hf.encode(text, add_special_tokens=False)
+    out = OutputText(_decoder(tok), [1], stop=["forty-two"])
+    streamed = ""
+    for tid in ids:
+        out.append([tid])
+        streamed += out.release(finished=False)
+        if out.stopped:
+            break
+    streamed += out.release(finished=True)
+    assert out.stopped
+    assert streamed == out.text == tok.decode(ids).split("forty-two")[0]
+    assert "forty" not in streamed
+
+
+def test_include_stop_str_in_output(tok):
+    ids = tok.hf.encode("one two three four", add_special_tokens=False)
+    out = OutputText(_decoder(tok), [1], stop=[" three"], include_stop_str_in_output=True)
+    for tid in ids:
+        out.append([tid])
+        if out.stopped:
+            break
+    assert out.text.endswith(" three") and "four" not in out.text
+
+
+def test_earliest_of_several_stop_strings_wins(tok):
+    ids = tok.hf.encode("alpha beta gamma delta", add_special_tokens=False)
+    out = OutputText(_decoder(tok), [1], stop=["delta", "beta"])
+    out.append(ids)
+    assert out.stopped and out.text.rstrip() == tok.decode(ids).split("beta")[0].rstrip()

@@ -1,0 +1,65 @@
+"""Attention metadata of one step, and the backend that reads and writes the paged KV cache.
+
+The model calls only `AttentionBackend.write_kv` and `AttentionBackend.attend`, so a Triton
+backend with the same two methods can replace `TorchAttentionBackend` without touching the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import reference
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go in the KV cache and what each one attends to.
+
+    Tokens of the step are flat: sequence b owns rows ``query_start_loc[b]:query_start_loc[b+1]``.
+    """
+
+    slot_mapping: torch.Tensor  # int64 [num_tokens]: block_id * block_size + offset
+    block_tables: torch.Tensor  # int32 [batch, max_blocks], padded with block 0
+    seq_lens: torch.Tensor  # int32 [batch]: context length in tokens, including this step's
+    query_start_loc: torch.Tensor  # int32 [batch + 1]: prefix sums of tokens per sequence
+    decode_only: bool  # every sequence has exactly one token this step
+
+
+class AttentionBackend:
+    """Interface: ``write_kv`` then ``attend``, once per layer per step."""
+
+    name = "abstract"
+
+    def write_kv(self, key, value, key_cache, value_cache, meta: AttentionMetadata) -> None:
+        raise NotImplementedError
+
+    def attend(self, query, key_cache, value_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """kernels/reference.py: runs anywhere, the oracle for every other backend."""
+
+    name = "torch"
+
+    def write_kv(self, key, value, key_cache, value_cache, meta: AttentionMetadata) -> None:
+        reference.reshape_and_cache(key, value, key_cache, value_cache, meta.slot_mapping)
+
+    def attend(self, query, key_cache, value_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """query ``[num_tokens, num_q_heads, head_dim]`` -> output of the same shape and dtype."""
+        out = torch.empty_like(query)
+        if meta.decode_only:
+            reference.paged_decode_attention(out, query, key_cache, value_cache, meta.block_tables,
+                                             meta.seq_lens, scale)
+        else:
+            reference.paged_prefill_attention(out, query, key_cache, value_cache, meta.block_tables,
+                                              meta.query_start_loc, meta.seq_lens, scale)
+        return out
+
+
+def get_attention_backend(name: str = "torch") -> AttentionBackend:
+    if name == "torch":
+        return TorchAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r} (have: torch)")
