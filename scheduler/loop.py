@@ -130,6 +130,9 @@ class SchedulerLoop:
             self._send_deltas(self.scheduler.update(plan, msg))
         elif isinstance(msg, p.WorkerError):
             log.error("scheduler.worker_error", step_id=msg.step_id, error=msg.message)
+            plan, self.in_flight = self.in_flight, None
+            if plan is not None and self.scheduler is not None:
+                self._send_deltas(self.scheduler.fail_step(plan))
 
     def _on_hello(self, ident: bytes, hello: p.WorkerHello) -> None:
         if hello.world_size != self.config.tensor_parallel_size:

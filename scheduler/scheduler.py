@@ -16,23 +16,19 @@ from scheduler.policy import BatchPolicy
 from scheduler.sequence import Request, Sequence, SeqStatus
 from shared.config import ServerConfig
 from shared.logging import get_logger
-from shared.protocol import (
-    AddRequest,
-    ErrorCode,
-    FinishReason,
-    NewSeq,
-    RequestRejected,
-    ScheduledSeq,
-    StepPlan,
-    StepResult,
-    TokenDelta,
-)
+from shared.protocol import (AddRequest, ErrorCode, FinishReason, NewSeq, RequestRejected, ScheduledSeq, StepPlan,
+                             StepResult, TokenDelta)
 
 _log = get_logger("scheduler")
 
 _STOP = FinishReason.STOP.value
 _LENGTH = FinishReason.LENGTH.value
 _ABORT = FinishReason.ABORT.value
+
+# Totals since start. requests_finished counts every way of finishing,
+# aborted (by a client) and failed (by a worker error) included.
+_COUNTERS = ("requests_finished", "requests_aborted", "requests_failed", "requests_rejected", "preemptions",
+             "tokens_generated", "steps")
 
 
 class Scheduler:
@@ -75,10 +71,7 @@ class Scheduler:
         self._next_step_id = 0
         self._in_flight: StepPlan | None = None  # planned, its result not yet applied
         self._to_drop: list[int] = []  # seq ids for the next plan's finished_seq_ids
-        self._counters = dict.fromkeys(
-            ("requests_finished", "requests_aborted", "requests_rejected", "preemptions", "tokens_generated", "steps"),
-            0,
-        )
+        self._counters = dict.fromkeys(_COUNTERS, 0)
 
     # -- requests ------------------------------------------------------------
 
@@ -116,24 +109,25 @@ class Scheduler:
         self._requests[msg.request_id] = request
         return None
 
-    def abort(self, request_ids: Iterable[str], finish_reason: str = _ABORT) -> list[TokenDelta]:
+    def abort(self, request_ids: Iterable[str], finish_reason: str = _ABORT) -> list[tuple[bytes, TokenDelta]]:
         """Finish every unfinished sequence of these requests now, freeing their
         blocks; unknown ids (already finished, never seen) are ignored.
-        Returns one finishing delta (no tokens) per sequence aborted."""
-        deltas = []
+        Returns (frontend identity, finishing delta without tokens) per sequence."""
+        outputs = []
         for request_id in request_ids:
             request = self._requests.get(request_id)
             if request is None:
                 continue
+            self._counters["requests_aborted" if finish_reason == _ABORT else "requests_failed"] += 1
             for seq in request.seqs:
                 if seq.status is not SeqStatus.FINISHED:
-                    self._finish(seq, finish_reason)
-                    deltas.append(TokenDelta(request_id, seq.output_index, [], finish_reason, seq.num_preemptions))
-            self._counters["requests_aborted"] += 1
-        if deltas:
+                    self._finish(seq)
+                    delta = TokenDelta(request_id, seq.output_index, [], finish_reason, seq.num_preemptions)
+                    outputs.append((request.frontend, delta))
+        if outputs:
             self.policy.remove_finished_running()
             self.policy.remove_finished_waiting()
-        return deltas
+        return outputs
 
     def abort_frontend(self, frontend: bytes) -> list[str]:
         """Abort every request of a frontend that went away; returns their ids.
@@ -143,9 +137,8 @@ class Scheduler:
         return request_ids
 
     def abort_all(self, finish_reason: str = _ABORT) -> list[tuple[bytes, TokenDelta]]:
-        """Abort everything (a drain that timed out); deltas with their frontends."""
-        frontends = {rid: request.frontend for rid, request in self._requests.items()}
-        return [(frontends[d.request_id], d) for d in self.abort(list(frontends), finish_reason)]
+        """Abort everything in flight (a drain that timed out, a fatal error)."""
+        return self.abort(list(self._requests), finish_reason)
 
     # -- steps ---------------------------------------------------------------
 
@@ -153,10 +146,15 @@ class Scheduler:
         return bool(self.policy.running or self.policy.waiting)
 
     def schedule(self) -> StepPlan:
-        """The next step. With work queued it schedules at least one sequence."""
+        """The next step. With work queued it schedules at least one sequence.
+
+        A plan that schedules nothing (no work) is not a step: do not send it
+        and do not `update()` it; its pending drops ride with the next plan."""
         if self._in_flight is not None:
             raise RuntimeError(f"step {self._in_flight.step_id} is in flight: update() it before scheduling again")
         batch = self.policy.schedule_next_batch()  # preemptions land in _to_drop via _on_preempt
+        if not batch.scheduled:
+            return StepPlan(step_id=self._next_step_id, scheduled=[])
         for seq in batch.admitted:
             seq.on_worker = True
         plan = StepPlan(
@@ -180,7 +178,10 @@ class Scheduler:
     def update(self, plan: StepPlan, result: StepResult) -> list[tuple[bytes, TokenDelta]]:
         """Apply the worker's sampled tokens; returns (frontend identity, delta)
         pairs: one per sequence that sampled a token. Sequences aborted while
-        the step was in flight are skipped."""
+        the step was in flight are skipped.
+
+        Raises ValueError on a result that does not answer `plan` (a worker
+        bug); `on_worker_restart()` then brings the state back to consistent."""
         if self._in_flight is None or plan.step_id != self._in_flight.step_id:
             raise ValueError(f"plan {plan.step_id} is not the step in flight")
         if result.step_id != plan.step_id or len(result.sampled) != len(plan.scheduled):
@@ -206,7 +207,7 @@ class Scheduler:
             delta = TokenDelta(seq.request_id, seq.output_index, [token])
             reason = self._finish_reason(seq, token)
             if reason is not None:
-                self._finish(seq, reason)
+                self._finish(seq)
                 delta.finish_reason = reason
                 delta.num_preemptions = seq.num_preemptions
                 any_finished = True
@@ -214,6 +215,15 @@ class Scheduler:
         if any_finished:
             self.policy.remove_finished_running()
         return outputs
+
+    def fail_step(self, plan: StepPlan) -> list[tuple[bytes, TokenDelta]]:
+        """The worker failed the step in flight (`WorkerError`): finish the
+        requests it scheduled with reason "error"; the others carry on."""
+        if self._in_flight is None or plan.step_id != self._in_flight.step_id:
+            raise ValueError(f"plan {plan.step_id} is not the step in flight")
+        self._in_flight = None
+        failed = dict.fromkeys(self._seqs[w.seq_id].request_id for w in plan.scheduled if w.seq_id in self._seqs)
+        return self.abort(failed, FinishReason.ERROR.value)
 
     def on_worker_restart(self) -> None:
         """The worker lost its state (it restarted or reconnected): forget the
@@ -235,10 +245,9 @@ class Scheduler:
             return _LENGTH
         return None
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _finish(self, seq: Sequence) -> None:
         """Free `seq` now; the caller removes it from the policy's lists."""
         seq.status = SeqStatus.FINISHED
-        seq.finish_reason = reason
         if self.block_manager.has_table(seq.seq_id):
             self.block_manager.free(seq.seq_id)
         self._release_from_worker(seq)
@@ -275,6 +284,7 @@ class Scheduler:
         return self._seqs.get(seq_id)
 
     def stats(self) -> dict[str, int]:
+        """Gauges (sequences running/waiting, KV blocks) and the `_COUNTERS` totals."""
         return {
             "running": len(self.policy.running),
             "waiting": len(self.policy.waiting),
@@ -292,17 +302,19 @@ class Scheduler:
         running, waiting = self.policy.running, list(self.policy.waiting)
         if running != sorted(running, key=lambda s: s.sort_key):
             raise AssertionError("running is out of policy order")
-        if len(running) + len(waiting) != len(self._seqs) or {s.seq_id for s in running + waiting} != self._seqs.keys():
+        ids = [s.seq_id for s in running + waiting]
+        if len(ids) != len(self._seqs) or set(ids) != self._seqs.keys():
             raise AssertionError("running + waiting disagree with the unfinished sequences")
+        bm = self.block_manager
         for seq in running:
-            if seq.status is not SeqStatus.RUNNING or seq.block_table is not self.block_manager.block_table(seq.seq_id):
+            if seq.status is not SeqStatus.RUNNING or seq.block_table is not bm.block_table(seq.seq_id):
                 raise AssertionError(f"running sequence {seq.seq_id} has status {seq.status} or a stale table")
-            if self._in_flight is None and not (
-                seq.num_computed_tokens == seq.num_tokens - 1 == self.block_manager.num_slots(seq.seq_id)
-            ):
-                raise AssertionError(f"running sequence {seq.seq_id}: computed {seq.num_computed_tokens} of {seq.num_tokens}")
+            slots = bm.num_slots(seq.seq_id)
+            if self._in_flight is None and not seq.num_computed_tokens == seq.num_tokens - 1 == slots:
+                raise AssertionError(f"running sequence {seq.seq_id}: {seq.num_computed_tokens} of {seq.num_tokens} "
+                                     f"tokens computed, {slots} slots")
         for seq in waiting:
-            if seq.status is not SeqStatus.WAITING or seq.block_table or self.block_manager.has_table(seq.seq_id):
+            if seq.status is not SeqStatus.WAITING or seq.block_table or bm.has_table(seq.seq_id):
                 raise AssertionError(f"waiting sequence {seq.seq_id} holds blocks or has status {seq.status}")
             if seq.num_computed_tokens != 0 or seq.on_worker:
                 raise AssertionError(f"waiting sequence {seq.seq_id} is computed or on the worker")

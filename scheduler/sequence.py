@@ -63,11 +63,10 @@ class Sequence:
     num_computed_tokens: int = 0
     num_preemptions: int = 0
     block_table: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
     on_worker: bool = False
     # Policy order, best first: priority, then arrival; the scheduler assigns
     # seq ids in arrival order, so the id breaks ties deterministically.
-    sort_key: tuple[int, float, int] = (0, 0.0, 0)
+    sort_key: tuple[int, float, int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.sort_key = (self.request.priority, self.request.arrival_time, self.seq_id)
@@ -87,7 +86,3 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.request.prompt_len
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.request.prompt_len :]
