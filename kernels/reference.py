@@ -5,7 +5,8 @@ Layouts and units (shared with the Triton kernels, which keep these exact signat
 * KV cache of one layer: ``key_cache``/``value_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]``.
 * A slot is a token's place in the cache: ``slot = block_id * block_size + offset`` (offset in tokens).
 * ``block_tables`` int32 ``[batch, max_blocks]``: row b lists sequence b's physical block ids in
-  logical order; entries past the sequence's last block are padding and never read.
+  logical order; entries past the sequence's last block are padding: any valid block id (the
+  references may gather it, never use it).
 * ``seq_lens`` int32 ``[batch]``: context length in tokens, including the tokens of this step.
 * GQA: ``num_q_heads`` is a multiple of ``num_kv_heads``; query head h reads kv head
   ``h // (num_q_heads // num_kv_heads)`` (the Hugging Face ``repeat_kv`` grouping).
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import torch
 
-# Queries per attention chunk in prefill: bounds the fp32 score matrix to
-# num_q_heads * _PREFILL_QUERY_CHUNK * context floats however long the prompt.
+# Prefill attends in chunks of at most this many queries, fewer for long contexts, so the fp32
+# score matrix (num_q_heads * chunk * context floats) stays near _SCORE_BUDGET floats (256 MiB);
+# decode gathers K/V for groups of sequences under the same bound.
 _PREFILL_QUERY_CHUNK = 1024
+_SCORE_BUDGET = 1 << 26
 
 
 def reshape_and_cache(
@@ -61,7 +64,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Te
     batch, num_queries, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     group = num_q_heads // num_kv_heads
-    qf = q.float().view(batch, num_queries, num_kv_heads, group, head_dim)
+    qf = q.float().reshape(batch, num_queries, num_kv_heads, group, head_dim)
     kf = k.float()
     # Masked positions may hold NaN: zero them in V (0 * NaN would poison the sum) and
     # overwrite their scores (masked_fill replaces NaN scores too).
@@ -92,16 +95,20 @@ def paged_decode_attention(
     batch = query.shape[0]
     if batch == 0:
         return
-    block_size = key_cache.shape[1]
+    block_size, num_kv_heads, head_dim = key_cache.shape[1:]
     max_len = int(seq_lens.max())
     num_blocks = -(-max_len // block_size)
-    block_ids = block_tables[:, :num_blocks]
-    k = _gather_context(key_cache, block_ids)[:, :max_len]
-    v = _gather_context(value_cache, block_ids)[:, :max_len]
     positions = torch.arange(max_len, device=query.device)
-    allowed = (positions[None, :] < seq_lens[:, None].to(positions.dtype))[:, None, :]
-    result = _attend(query[:, None], k, v, allowed, scale)
-    out.copy_(result[:, 0].to(out.dtype))
+    # Normally one group; huge batches of long contexts are split to bound the gathered copy.
+    group = max(1, _SCORE_BUDGET // (max_len * num_kv_heads * head_dim))
+    for first in range(0, batch, group):
+        rows = slice(first, min(batch, first + group))
+        block_ids = block_tables[rows, :num_blocks]
+        k = _gather_context(key_cache, block_ids)[:, :max_len]
+        v = _gather_context(value_cache, block_ids)[:, :max_len]
+        allowed = (positions[None, :] < seq_lens[rows, None].to(positions.dtype))[:, None, :]
+        result = _attend(query[rows, None], k, v, allowed, scale)
+        out[rows] = result[:, 0].to(out.dtype)
 
 
 def paged_prefill_attention(
@@ -124,7 +131,7 @@ def paged_prefill_attention(
     a cached prefix (prefix caching, chunked prefill, recompute) reads that prefix through the
     block table.
     """
-    block_size = key_cache.shape[1]
+    block_size, num_q_heads = key_cache.shape[1], query.shape[1]
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     for b, context_len in enumerate(lens):
@@ -139,8 +146,9 @@ def paged_prefill_attention(
         k = _gather_context(key_cache, block_ids)[None, :context_len]
         v = _gather_context(value_cache, block_ids)[None, :context_len]
         key_positions = torch.arange(context_len, device=query.device)
-        for chunk_start in range(0, q_len, _PREFILL_QUERY_CHUNK):
-            chunk_end = min(q_len, chunk_start + _PREFILL_QUERY_CHUNK)
+        chunk = max(1, min(_PREFILL_QUERY_CHUNK, _SCORE_BUDGET // (num_q_heads * context_len)))
+        for chunk_start in range(0, q_len, chunk):
+            chunk_end = min(q_len, chunk_start + chunk)
             query_positions = torch.arange(chunk_start, chunk_end, device=query.device) + (context_len - q_len)
             allowed = (key_positions[None, :] <= query_positions[:, None])[None]
             result = _attend(query[None, start + chunk_start : start + chunk_end], k, v, allowed, scale)

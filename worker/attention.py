@@ -21,7 +21,7 @@ class AttentionMetadata:
     """
 
     slot_mapping: torch.Tensor  # int64 [num_tokens]: block_id * block_size + offset
-    block_tables: torch.Tensor  # int32 [batch, max_blocks], padded with block 0
+    block_tables: torch.Tensor  # int32 [batch, max_blocks]; entries past a sequence's blocks: any valid id, unread
     seq_lens: torch.Tensor  # int32 [batch]: context length in tokens, including this step's
     query_start_loc: torch.Tensor  # int32 [batch + 1]: prefix sums of tokens per sequence
     decode_only: bool  # every sequence has exactly one token this step
@@ -53,9 +53,28 @@ class TorchAttentionBackend(AttentionBackend):
         if meta.decode_only:
             reference.paged_decode_attention(out, query, key_cache, value_cache, meta.block_tables,
                                              meta.seq_lens, scale)
-        else:
+            return out
+        # A mixed step: one-token sequences go through the batched decode path, so a long
+        # prefill does not make every decode in its step loop in Python.
+        query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
+        is_decode = query_lens == 1
+        if not bool(is_decode.any()):
             reference.paged_prefill_attention(out, query, key_cache, value_cache, meta.block_tables,
                                               meta.query_start_loc, meta.seq_lens, scale)
+            return out
+        token_is_decode = is_decode.repeat_interleave(query_lens)
+        decode_out = torch.empty_like(query[token_is_decode])
+        reference.paged_decode_attention(decode_out, query[token_is_decode], key_cache, value_cache,
+                                         meta.block_tables[is_decode], meta.seq_lens[is_decode], scale)
+        out[token_is_decode] = decode_out
+        is_prefill = ~is_decode
+        prefill_start_loc = torch.zeros_like(meta.query_start_loc[: int(is_prefill.sum()) + 1])
+        prefill_start_loc[1:] = query_lens[is_prefill].cumsum(0)
+        prefill_out = torch.empty_like(query[~token_is_decode])
+        reference.paged_prefill_attention(prefill_out, query[~token_is_decode], key_cache, value_cache,
+                                          meta.block_tables[is_prefill], prefill_start_loc,
+                                          meta.seq_lens[is_prefill], scale)
+        out[~token_is_decode] = prefill_out
         return out
 
 

@@ -80,7 +80,8 @@ def _safetensors_tensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
         names = sorted(set(read_json(index)["weight_map"].values()))
     else:
         # Mistral repos also ship consolidated.safetensors in the original (non-HF) naming.
-        names = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors") and not f.startswith("consolidated"))
+        names = sorted(f for f in os.listdir(directory)
+                       if f.endswith(".safetensors") and not f.startswith("consolidated"))
     if not names:
         raise FileNotFoundError(f"no .safetensors weights in {directory}")
     for name in names:

@@ -182,7 +182,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         backend = backend or TorchAttentionBackend()
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        # _weight skips the random init: weights are always loaded (and normal_ on the meta
+        # device costs a 2 s import).
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size,
+                                           _weight=torch.empty(args.vocab_size, args.hidden_size))
         self.layers = nn.ModuleList(Block(args, backend) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.output = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)

@@ -1,0 +1,172 @@
+"""The persistent batch: every sequence the worker knows, kept between steps.
+
+The scheduler sends changes, not snapshots (shared/protocol.py): a `NewSeq` once, then only
+appended block ids and token counts. This file holds the accumulated state and turns one
+step's `ScheduledSeq` list into the model's flat input tensors.
+
+Invariants per sequence: ``token_ids`` holds every known token (prompt + generated, including
+the latest sampled one); ``block_ids`` is its block table in logical order and is mirrored in row
+``row`` of the persistent numpy table; a step computes tokens
+``[num_computed_tokens, num_computed_tokens + num_tokens)`` and samples when that range ends at
+``len(token_ids)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shared.protocol import NewSeq, SamplingParams, ScheduledSeq
+from worker.attention import AttentionMetadata
+
+
+@dataclass
+class SeqState:
+    seq_id: int
+    token_ids: list[int]
+    prompt_len: int  # tokens
+    block_ids: list[int]
+    params: SamplingParams
+    output_index: int  # which of the request's n outputs (part of the seeded-sampling key)
+    num_computed_tokens: int  # tokens whose K/V are in the cache
+    row: int  # row of the persistent block table
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+
+@dataclass
+class StepInputs:
+    """One step's model inputs (on the device) and what to sample."""
+
+    input_ids: torch.Tensor  # int64 [num_tokens]
+    positions: torch.Tensor  # int64 [num_tokens]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # int64 [num_sampled]: rows of the hidden states to sample
+    sampled_positions: list[int]  # index into plan.scheduled of each sampled row
+    sampled_seqs: list[SeqState]  # the sequence of each sampled row
+
+
+class InputBatch:
+    def __init__(self, block_size: int, max_model_len: int, device: torch.device, initial_rows: int = 64):
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.device = device
+        self.seqs: dict[int, SeqState] = {}
+        self._block_table = np.zeros((initial_rows, self.max_blocks_per_seq), dtype=np.int32)
+        self._free_rows = list(range(initial_rows - 1, -1, -1))
+
+    # ---- state changes ----------------------------------------------------------------------
+
+    def drop(self, seq_ids: list[int]) -> None:
+        """Forget finished (or preempted) sequences; unknown ids are ignored."""
+        for seq_id in seq_ids:
+            seq = self.seqs.pop(seq_id, None)
+            if seq is not None:
+                self._free_rows.append(seq.row)
+
+    def add(self, new: NewSeq) -> None:
+        """Register a sequence. A known seq_id is replaced: that is how a preempted or swapped
+        sequence comes back with a new block table."""
+        self.drop([new.seq_id])
+        if not 0 < new.prompt_len <= len(new.token_ids):
+            raise ValueError(f"seq {new.seq_id}: prompt_len {new.prompt_len} with {len(new.token_ids)} tokens")
+        seq = SeqState(new.seq_id, list(new.token_ids), new.prompt_len, [], new.params, new.output_index,
+                       num_computed_tokens=0, row=self._take_row())
+        self.seqs[new.seq_id] = seq
+        self._append_blocks(seq, new.block_ids)
+
+    def _take_row(self) -> int:
+        if not self._free_rows:
+            old = self._block_table.shape[0]
+            self._block_table = np.concatenate([self._block_table, np.zeros_like(self._block_table)])
+            self._free_rows = list(range(2 * old - 1, old - 1, -1))
+        return self._free_rows.pop()
+
+    def _append_blocks(self, seq: SeqState, block_ids: list[int]) -> None:
+        if not block_ids:
+            return
+        start, end = len(seq.block_ids), len(seq.block_ids) + len(block_ids)
+        if end > self.max_blocks_per_seq:
+            raise ValueError(f"seq {seq.seq_id}: {end} blocks exceed max_model_len {self.max_model_len} tokens")
+        seq.block_ids.extend(block_ids)
+        self._block_table[seq.row, start:end] = block_ids
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs:
+        """Append this step's new blocks and build the flat inputs of `scheduled`, in order."""
+        batch = len(scheduled)
+        rows = np.empty(batch, dtype=np.int64)
+        starts = np.empty(batch, dtype=np.int64)  # tokens already computed
+        counts = np.empty(batch, dtype=np.int64)  # tokens this step
+        input_ids: list[int] = []
+        sampled_positions: list[int] = []
+        sampled_seqs: list[SeqState] = []
+        for i, work in enumerate(scheduled):
+            seq = self.seqs.get(work.seq_id)
+            if seq is None:
+                raise ValueError(f"seq {work.seq_id} is scheduled but was never registered")
+            self._append_blocks(seq, work.new_block_ids)
+            start, end = work.num_computed_tokens, work.num_computed_tokens + work.num_tokens
+            if work.num_tokens < 1 or start < 0 or end > len(seq.token_ids):
+                raise ValueError(f"seq {seq.seq_id}: tokens [{start}, {end}) of {len(seq.token_ids)} known")
+            if end > self.max_model_len:
+                raise ValueError(f"seq {seq.seq_id}: {end} tokens exceed max_model_len {self.max_model_len}")
+            if end > len(seq.block_ids) * self.block_size:
+                raise ValueError(f"seq {seq.seq_id}: {end} tokens but {len(seq.block_ids)} blocks")
+            if work.num_tokens == 1:
+                input_ids.append(seq.token_ids[start])
+            else:
+                input_ids.extend(seq.token_ids[start:end])
+            rows[i], starts[i], counts[i] = seq.row, start, work.num_tokens
+            if end == len(seq.token_ids):
+                sampled_positions.append(i)
+                sampled_seqs.append(seq)
+
+        seq_lens = starts + counts
+        query_start_loc = np.zeros(batch + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        # Position of every flat token: its sequence's start plus its index within the chunk.
+        token_seq = np.repeat(np.arange(batch), counts)
+        positions = np.arange(num_tokens) - query_start_loc[:-1][token_seq] + starts[token_seq]
+        block_of_token = self._block_table[rows[token_seq], positions // self.block_size].astype(np.int64)
+        slot_mapping = block_of_token * self.block_size + positions % self.block_size
+        max_blocks = int(-(-seq_lens.max() // self.block_size)) if batch else 0
+        block_tables = self._block_table[rows, :max_blocks]
+
+        to_device = self._to_device
+        meta = AttentionMetadata(
+            slot_mapping=to_device(slot_mapping, torch.int64),
+            block_tables=to_device(block_tables, torch.int32),
+            seq_lens=to_device(seq_lens, torch.int32),
+            query_start_loc=to_device(query_start_loc, torch.int32),
+            decode_only=bool(batch) and bool((counts == 1).all()),
+        )
+        logits_indices = query_start_loc[1:][sampled_positions] - 1
+        return StepInputs(
+            input_ids=to_device(np.asarray(input_ids, dtype=np.int64), torch.int64),
+            positions=to_device(positions, torch.int64),
+            meta=meta,
+            logits_indices=to_device(logits_indices, torch.int64),
+            sampled_positions=sampled_positions,
+            sampled_seqs=sampled_seqs,
+        )
+
+    def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        if self.device.type == "cpu":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def record(self, scheduled: list[ScheduledSeq], inputs: StepInputs, sampled: list[int]) -> None:
+        """After the forward pass: advance computed counts, append each sampled token."""
+        for work in scheduled:
+            self.seqs[work.seq_id].num_computed_tokens = work.num_computed_tokens + work.num_tokens
+        for seq, token in zip(inputs.sampled_seqs, sampled):
+            seq.token_ids.append(token)

@@ -1,0 +1,187 @@
+"""Executes step plans on one device: owns the model, the KV cache, host swap space and sampling.
+
+It never decides policy: every block id, token count and swap comes from the scheduler's
+`StepPlan`. Order within a step (shared/protocol.py): drop finished sequences, swap out, swap in,
+copy, register new sequences, run the scheduled chunks, sample.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kernels import reference
+from shared.config import ServerConfig
+from shared.logging import get_logger
+from shared.models import resolve_model
+from shared.protocol import NewSeq, SamplingParams, ScheduledSeq, StepPlan, StepResult, WorkerHello
+from worker.attention import AttentionMetadata, get_attention_backend
+from worker.input_batch import InputBatch
+from worker.kv_cache import (GIB, KVCache, allocate_kv_cache, bytes_per_block, kv_cache_budget_bytes,
+                             plan_num_blocks)
+from worker.loader import load_model, resolve_dtype
+from worker.sampler import RowSampling, Sampler
+
+log = get_logger("worker.model_runner")
+
+
+class ModelRunner:
+    """``load()`` once, then ``execute(plan)`` per step. Not thread-safe."""
+
+    def __init__(self, config: ServerConfig, swap_space_gib: float = 0.0, attention_backend: str = "torch"):
+        config.validate()
+        self.config = config
+        self.device = torch.device(config.device)
+        self.swap_space_gib = swap_space_gib  # host swap space; ServerConfig has no field for it yet
+        self.attention_backend = attention_backend
+        self.model = None
+        self.memory_profile: dict[str, int] = {}
+
+    # ---- start-up ---------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the weights, measure memory, allocate the KV cache and host swap space; log
+        `worker.loaded` with the memory profile (bytes) and the load time."""
+        started = time.perf_counter()
+        config, device = self.config, self.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.files = resolve_model(config.model)
+        self.dtype = resolve_dtype(config.dtype, device)
+        loaded = load_model(self.files, device, self.dtype, get_attention_backend(self.attention_backend))
+        self.model, self.args, self.eos_token_ids = loaded.model, loaded.args, loaded.eos_token_ids
+        self.max_model_len = self._resolve_max_model_len()
+        self.max_num_batched_tokens = config.max_num_batched_tokens or max(self.max_model_len, 2048)
+
+        a = self.args
+        block_bytes = bytes_per_block(a.num_layers, config.block_size, a.num_kv_heads, a.head_dim, self.dtype)
+        activation_peak = self._profile_activation_peak() if device.type == "cuda" else 0
+        budget = kv_cache_budget_bytes(config, device, loaded.weights_bytes, activation_peak)
+        num_blocks = plan_num_blocks(config, budget, block_bytes)
+        self.kv_cache = allocate_kv_cache(a.num_layers, num_blocks, config.block_size, a.num_kv_heads,
+                                          a.head_dim, self.dtype, device)
+        num_host_blocks = int(self.swap_space_gib * GIB) // block_bytes
+        self.host_cache: KVCache | None = None
+        if num_host_blocks:
+            self.host_cache = allocate_kv_cache(a.num_layers, num_host_blocks, config.block_size, a.num_kv_heads,
+                                                a.head_dim, self.dtype, torch.device("cpu"),
+                                                pin_memory=device.type == "cuda")
+        self.num_host_blocks = num_host_blocks
+        self.memory_profile = {
+            "weights_bytes": loaded.weights_bytes,
+            "kv_cache_bytes": self.kv_cache.nbytes(),
+            "activation_peak_bytes": activation_peak,
+            "bytes_per_block": block_bytes,
+            "host_cache_bytes": self.host_cache.nbytes() if self.host_cache else 0,
+        }
+        self.batch = InputBatch(config.block_size, self.max_model_len, device, initial_rows=2 * config.max_num_seqs)
+        self.sampler = Sampler(device, config.seed)
+        # worker/loop.py logs `worker.ready` after the handshake; this is the load itself.
+        log.info("worker.loaded", model=self.files.name, device=str(device),
+                 dtype=str(self.dtype).removeprefix("torch."),
+                 attention_backend=self.attention_backend, num_device_blocks=num_blocks,
+                 num_host_blocks=num_host_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
+                 max_num_batched_tokens=self.max_num_batched_tokens, load_s=round(time.perf_counter() - started, 3),
+                 **self.memory_profile)
+
+    def _resolve_max_model_len(self) -> int:
+        """The config's limit, capped at what the model supports (its context, or its sliding
+        window since we attend over the whole context)."""
+        model_len = self.args.max_position_embeddings
+        if self.args.sliding_window:
+            model_len = min(model_len, self.args.sliding_window)
+        wanted = self.config.max_model_len
+        if wanted is None:
+            return model_len
+        if wanted > model_len:
+            log.warning("worker.max_model_len_capped", requested_tokens=wanted, model_max_tokens=model_len)
+            return model_len
+        return wanted
+
+    @torch.inference_mode()
+    def _profile_activation_peak(self) -> int:
+        """Peak bytes above the weights of a forward pass over max_num_batched_tokens prompt tokens
+        plus sampling of max_num_seqs rows, on a throwaway KV cache (its bytes excluded)."""
+        cfg, a, bs = self.config, self.args, self.config.block_size
+        lens, left = [], self.max_num_batched_tokens
+        while left > 0:
+            lens.append(min(left, self.max_model_len))
+            left -= lens[-1]
+        num_blocks = sum(-(-n // bs) for n in lens)
+        cache = allocate_kv_cache(a.num_layers, num_blocks, bs, a.num_kv_heads, a.head_dim, self.dtype, self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        batch = InputBatch(bs, self.max_model_len, self.device, initial_rows=len(lens))
+        next_block, scheduled = 0, []
+        for i, n in enumerate(lens):
+            blocks = list(range(next_block, next_block + -(-n // bs)))
+            next_block += len(blocks)
+            batch.add(NewSeq(seq_id=i, token_ids=[0] * n, prompt_len=n, block_ids=blocks, params=SamplingParams()))
+            scheduled.append(ScheduledSeq(seq_id=i, num_tokens=n, num_computed_tokens=0))
+        inputs = batch.prepare(scheduled)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, cache.layers())
+        rows = hidden[torch.arange(cfg.max_num_seqs, device=self.device) % hidden.shape[0]]
+        logits = self.model.compute_logits(rows)
+        profile_params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50)
+        Sampler(self.device).sample(logits, [RowSampling(profile_params)] * cfg.max_num_seqs)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        del cache, hidden, rows, logits, inputs
+        torch.cuda.empty_cache()
+        return max(0, peak)
+
+    def hello(self, rank: int, world_size: int) -> WorkerHello:
+        return WorkerHello(
+            rank=rank, world_size=world_size, num_device_blocks=self.kv_cache.num_blocks,
+            num_host_blocks=self.num_host_blocks, block_size=self.config.block_size,
+            max_model_len=self.max_model_len, vocab_size=self.args.vocab_size,
+            eos_token_ids=list(self.eos_token_ids), model=self.files.name,
+            dtype=str(self.dtype).removeprefix("torch."), device=str(self.device), memory=dict(self.memory_profile),
+        )
+
+    # ---- steps ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Apply the plan's changes, run its chunks, return one token per scheduled sequence
+        (-1 where the chunk stops short of the sequence's known tokens)."""
+        started = time.perf_counter()
+        self.batch.drop(plan.finished_seq_ids)
+        if plan.swap_out:
+            self._swap(self.kv_cache, self._host(), plan.swap_out)
+        if plan.swap_in:
+            self._swap(self._host(), self.kv_cache, plan.swap_in)
+        if plan.copy:
+            pairs = torch.tensor(plan.copy, dtype=torch.int64, device=self.device)
+            reference.copy_blocks(self.kv_cache.key_caches, self.kv_cache.value_caches, pairs)
+        for new in plan.new_seqs:
+            self.batch.add(new)
+        sampled = [-1] * len(plan.scheduled)
+        if plan.scheduled:
+            inputs = self.batch.prepare(plan.scheduled)
+            tokens = self._run(inputs.input_ids, inputs.positions, inputs.meta, inputs.logits_indices,
+                               [RowSampling(s.params, s.output_index, s.num_generated) for s in inputs.sampled_seqs])
+            self.batch.record(plan.scheduled, inputs, tokens)
+            for position, token in zip(inputs.sampled_positions, tokens):
+                sampled[position] = token
+        return StepResult(step_id=plan.step_id, sampled=sampled, step_time_s=time.perf_counter() - started)
+
+    def _run(self, input_ids, positions, meta: AttentionMetadata, logits_indices, rows: list[RowSampling]) -> list[int]:
+        hidden = self.model(input_ids, positions, meta, self.kv_cache.layers())
+        if not rows:
+            return []
+        logits = self.model.compute_logits(hidden.index_select(0, logits_indices))
+        return self.sampler.sample(logits, rows)
+
+    def _host(self) -> KVCache:
+        if self.host_cache is None:
+            raise ValueError("the plan swaps blocks but this worker has no host swap space")
+        return self.host_cache
+
+    @staticmethod
+    def _swap(src: KVCache, dst: KVCache, pairs: list[tuple[int, int]]) -> None:
+        index = torch.tensor(pairs, dtype=torch.int64)
+        for s, d in zip((*src.key_caches, *src.value_caches), (*dst.key_caches, *dst.value_caches)):
+            reference.swap_blocks(s, d, index)
