@@ -23,6 +23,7 @@ from shared.logging import get_logger
 log = get_logger()
 
 IDLE_POLL_MS = 200
+IDLE_STATS_EVERY_S = 300.0  # an idle server still says it is alive, but rarely
 
 
 class SchedulerLoop:
@@ -41,6 +42,8 @@ class SchedulerLoop:
         self.info = p.EngineInfo(ready=False, workers_expected=config.tensor_parallel_size)
         self._next_stats_at = time.monotonic() + config.stats_interval_s
         self._step_times: collections.deque[float] = collections.deque(maxlen=1000)
+        self._last_logged_steps: int | None = None
+        self._last_stats_log = float("-inf")
 
     # -- main loop ------------------------------------------------------------
     def run(self) -> None:
@@ -186,9 +189,17 @@ class SchedulerLoop:
         return stats
 
     def _log_stats(self) -> None:
-        self._next_stats_at = time.monotonic() + self.config.stats_interval_s
-        if self.scheduler is not None:
-            log.info("scheduler.stats", **self.stats())
+        """Every interval while there is work; when idle, once more and then every IDLE_STATS_EVERY."""
+        now = time.monotonic()
+        self._next_stats_at = now + self.config.stats_interval_s
+        if self.scheduler is None:
+            return
+        stats = self.stats()
+        idle = stats.get("requests_in_flight", 0) == 0 and stats.get("steps") == self._last_logged_steps
+        if idle and now - self._last_stats_log < IDLE_STATS_EVERY_S:
+            return
+        self._last_logged_steps, self._last_stats_log = stats.get("steps"), now
+        log.info("scheduler.stats", **stats)
 
 
 def run_scheduler(config: ServerConfig) -> int:

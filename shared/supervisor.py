@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,8 +47,9 @@ def _strip_flag(argv: list[str], flag: str) -> list[str]:
 
 
 def run_supervisor(config: ServerConfig, argv: list[str]) -> int:
-    run_dir = config.run_dir or tempfile.mkdtemp(prefix="pagedserve-")
-    os.chmod(run_dir, 0o750) if not config.run_dir else os.makedirs(run_dir, mode=0o750, exist_ok=True)
+    own_run_dir = not config.run_dir
+    run_dir = tempfile.mkdtemp(prefix="pagedserve-") if own_run_dir else config.run_dir
+    os.makedirs(run_dir, mode=0o750, exist_ok=True)
     base = _strip_flag(_strip_flag(argv, "--run-dir"), "--rank") + ["--run-dir", run_dir]
     cmd = [sys.executable, "-m", "shared.cli"]
     specs = [("scheduler", cmd + ["scheduler"] + base)]
@@ -78,6 +80,8 @@ def run_supervisor(config: ServerConfig, argv: list[str]) -> int:
             break
         time.sleep(0.2)
     _stop_all(children)
+    if own_run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
     log.info("supervisor.stopped", exit_code=code)
     return code
 

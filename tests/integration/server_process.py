@@ -1,4 +1,9 @@
-"""Start `pagedserve serve` on loopback with a free port and a private run dir; stop it."""
+"""Start pagedserve on loopback with a free port and a private run dir; stop it.
+
+`ServerProcess` runs `pagedserve serve` (one supervisor, three children) or, with
+`separate_roles=True`, the scheduler, worker and frontend as three independent
+processes sharing the flags, as systemd units would.
+"""
 
 from __future__ import annotations
 
@@ -21,27 +26,29 @@ def free_port() -> int:
 class ServerProcess:
     """A running server; `events` collects every JSON event it logged on stdout."""
 
-    def __init__(self, run_dir: str, *extra: str, ready_timeout_s: float = 300.0):
+    def __init__(self, run_dir: str, *extra: str, separate_roles: bool = False, ready_timeout_s: float = 300.0):
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.run_dir = run_dir
-        argv = [sys.executable, "-m", "shared.cli", "serve", "--model", "default", "--device", "cpu",
-                "--dtype", "float32", "--listen", self.address, "--run-dir", run_dir, "--stats-interval-s", "2",
-                *extra]
+        flags = ["--model", "default", "--device", "cpu", "--dtype", "float32", "--listen", self.address,
+                 "--run-dir", run_dir, "--stats-interval-s", "2", *extra]
+        roles = ["scheduler", "worker", "frontend"] if separate_roles else ["serve"]
         self.events: list[dict] = []
         self.non_json_lines: list[str] = []
         self._ready = threading.Event()
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL, text=True, start_new_session=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self.procs = [subprocess.Popen([sys.executable, "-m", "shared.cli", role, *flags], stdout=subprocess.PIPE,
+                                       stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+                                       start_new_session=True) for role in roles]
+        self._readers = [threading.Thread(target=self._read, args=(p,), daemon=True) for p in self.procs]
+        for r in self._readers:
+            r.start()
         deadline = time.monotonic() + ready_timeout_s
         while not self._ready.wait(0.5):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+            if any(p.poll() is not None for p in self.procs) or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"server did not become ready; last events: {self.events[-5:]}")
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
@@ -55,12 +62,16 @@ class ServerProcess:
         return [e for e in list(self.events) if e.get("event") == name]
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        """SIGTERM every process; the first one's exit code (the supervisor's, under serve)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
             try:
-                self.proc.wait(30)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._reader.join(5)
-        return self.proc.returncode
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for r in self._readers:
+            r.join(5)
+        return self.procs[0].returncode

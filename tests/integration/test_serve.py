@@ -154,3 +154,14 @@ def test_sampling_with_seed_is_reproducible(server):
         n = c.generate("Tell me a story", SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=7))
     assert a.token_ids == b.token_ids
     assert len(n.outputs) == 3 and [o.index for o in n.outputs] == [0, 1, 2]
+
+
+def test_roles_started_separately_serve_together(tmp_path):
+    srv = ServerProcess(str(tmp_path / "run"), separate_roles=True)
+    try:
+        with Client(srv.address) as c:
+            out = c.chat([{"role": "user", "content": "What is the capital of France?"}], GREEDY)
+    finally:
+        srv.stop()
+    assert out.text == "The capital of France is Paris."
+    assert {e["role"] for e in srv.events} == {"scheduler", "worker", "frontend"}
