@@ -21,10 +21,11 @@ class OutputText:
 
     With stop strings, the last `len(longest stop) - 1` characters are held back
     from streaming until the output finishes, so a stop string is never streamed.
+    Stop strings are looked for only once `min_tokens` tokens are generated (as vLLM).
     """
 
     def __init__(self, decode: Callable[[list[int]], str], prompt_ids: list[int], stop: list[str],
-                 include_stop_str_in_output: bool = False):
+                 include_stop_str_in_output: bool = False, min_tokens: int = 0):
         self._decode = decode
         tail = prompt_ids[-INITIAL_WINDOW_TOKENS:]
         self._ids: list[int] = list(tail)  # window ids: a prompt tail, then every output id
@@ -36,6 +37,7 @@ class OutputText:
         self._stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1
         self._include_stop = include_stop_str_in_output
+        self._min_tokens = min_tokens
         self.stopped = False  # a stop string matched
 
     def append(self, new_ids: list[int]) -> None:
@@ -49,7 +51,7 @@ class OutputText:
             if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
                 self.text += full_text[len(prefix_text):]
                 self._prefix, self._read = self._read, len(self._ids)
-        if self._stop and len(self.text) > checked_upto:
+        if self._stop and len(self.text) > checked_upto and len(self.token_ids) >= self._min_tokens:
             self._find_stop(checked_upto)
 
     def _find_stop(self, checked_upto: int) -> None:

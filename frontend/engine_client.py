@@ -47,6 +47,11 @@ class EngineClient:
         if request_ids:
             await self.send(p.AbortRequests(request_ids=request_ids))
 
+    async def stop_outputs(self, outputs: list[tuple[str, int]]) -> None:
+        """Finish single outputs (request id, output index) that a stop string ended."""
+        if outputs:
+            await self.send(p.AbortRequests(request_ids=[], stop_outputs=outputs))
+
     async def stats(self, timeout: float = 5.0) -> dict:
         qid = uuid.uuid4().hex
         fut = self._pending_stats[qid] = asyncio.get_running_loop().create_future()

@@ -27,6 +27,14 @@ from shared.protocol import ErrorCode
 log = get_logger()
 
 HELLO_RETRY_S = 1.0
+# Client disconnects. A ROUTER reports a DEALER gone only by failing a send to it (ROUTER_MANDATORY),
+# and a non-streaming request sends nothing until it completes; so every KEEPALIVE_INTERVAL_S each
+# client with requests in flight gets a `KeepAlive`, and a failed send aborts its requests
+# (`_client_gone`). A closed socket or a dead process closes the connection at once; a peer that
+# vanished silently (host down, cable cut) is dropped by ZMTP heartbeats after CLIENT_HEARTBEAT_TIMEOUT_MS.
+KEEPALIVE_INTERVAL_S = 1.0
+CLIENT_HEARTBEAT_IVL_MS = 5_000
+CLIENT_HEARTBEAT_TIMEOUT_MS = 20_000
 
 
 class BadRequest(Exception):
@@ -49,6 +57,8 @@ class FrontendRequest:
     finish: list[str | None] = field(default_factory=list)
     first_token_at: float | None = None
     num_preemptions: int = 0
+    logprobs: list[list[p.TokenLogprobs]] | None = None  # per output, when params.logprobs is set
+    prompt_logprobs: list[p.TokenLogprobs] = field(default_factory=list)  # prompt tokens 1..
 
     @property
     def done(self) -> bool:
@@ -62,6 +72,8 @@ class FrontendServer:
         self.model_name = model_name
         self.ctx = zmq.asyncio.Context()
         self.clients = make_router(self.ctx)
+        self.clients.setsockopt(zmq.HEARTBEAT_IVL, CLIENT_HEARTBEAT_IVL_MS)
+        self.clients.setsockopt(zmq.HEARTBEAT_TIMEOUT, CLIENT_HEARTBEAT_TIMEOUT_MS)
         self.engine = EngineClient(self.ctx, config.frontend_addr(), self._on_engine_message)
         self.info: p.EngineInfo | None = None
         self.requests: dict[str, FrontendRequest] = {}
@@ -69,6 +81,8 @@ class FrontendServer:
         self._encoder = msgspec.msgpack.Encoder()
         self._finished = 0
         self._rejected = 0
+        self.draining = False  # SIGTERM: refuse new requests (frontend/main.py drives the drain)
+        self.became_ready = asyncio.Event()  # set when `server.ready` is logged
 
     @property
     def ready(self) -> bool:
@@ -79,7 +93,7 @@ class FrontendServer:
         bind(self.clients, self.config.listen)
         log.info("frontend.listening", listen=self.config.listen, scheduler=self.config.frontend_addr())
         tasks = [asyncio.create_task(self.engine.run()), asyncio.create_task(self._hello_until_ready()),
-                 asyncio.create_task(self._client_loop())]
+                 asyncio.create_task(self._client_loop()), asyncio.create_task(self._keepalive_loop())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
@@ -123,13 +137,16 @@ class FrontendServer:
         elif isinstance(msg, p.HealthCheck):
             info = self.info or p.EngineInfo(ready=False)
             await self._send(client, p.HealthReply(
-                request_id=msg.request_id, status="ok" if self.ready else "starting", model=self.model_name,
+                request_id=msg.request_id, model=self.model_name,
+                status="draining" if self.draining else "ok" if self.ready else "starting",
                 workers_ready=info.workers_ready, workers_expected=info.workers_expected))
         elif isinstance(msg, p.GetStats):
             await self._send(client, p.StatsReply(request_id=msg.request_id, stats=await self._stats()))
 
     # -- requests -----------------------------------------------------------
     async def _generate(self, client: bytes, msg: p.Generate) -> None:
+        if self.draining:
+            raise BadRequest(ErrorCode.SHUTTING_DOWN, "the server is shutting down: send this request elsewhere")
         if not self.ready:
             raise BadRequest(ErrorCode.UNAVAILABLE, "the server is starting: no worker is ready yet")
         if msg.request_id in self.requests:
@@ -137,11 +154,13 @@ class FrontendServer:
         prompt_ids = self._prompt_ids(msg)
         self._check_lengths(prompt_ids, msg.params)
         decode = self._decoder_fn(msg.params.skip_special_tokens)
-        outputs = [OutputText(decode, prompt_ids, msg.params.stop, msg.params.include_stop_str_in_output)
+        outputs = [OutputText(decode, prompt_ids, msg.params.stop, msg.params.include_stop_str_in_output,
+                              msg.params.min_tokens)
                    for _ in range(msg.params.n)]
         req = FrontendRequest(request_id=msg.request_id, client=client, stream=msg.stream, prompt_ids=prompt_ids,
                               params=msg.params, outputs=outputs, arrival=time.monotonic(),
-                              finish=[None] * msg.params.n)
+                              finish=[None] * msg.params.n,
+                              logprobs=[[] for _ in outputs] if msg.params.logprobs is not None else None)
         self.requests[msg.request_id] = req
         await self.engine.add(msg.request_id, prompt_ids, msg.params, time.time(), msg.priority)
 
@@ -202,6 +221,7 @@ class FrontendServer:
                 log.info("server.ready", listen=self.config.listen, model=msg.model,
                          max_model_len=msg.max_model_len, kv_blocks=msg.num_device_blocks,
                          block_size=msg.block_size)
+                self.became_ready.set()
 
     async def _on_delta(self, delta: p.TokenDelta) -> None:
         req = self.requests.get(delta.request_id)
@@ -211,26 +231,37 @@ class FrontendServer:
         if req.first_token_at is None and delta.token_ids:
             req.first_token_at = time.monotonic()
         out.append(delta.token_ids)
+        if req.logprobs is not None:
+            req.logprobs[delta.index].extend(delta.logprobs)
+        if delta.prompt_logprobs:
+            req.prompt_logprobs = delta.prompt_logprobs
         finish = "stop" if out.stopped else delta.finish_reason
         req.num_preemptions = max(req.num_preemptions, delta.num_preemptions)
         if req.stream:
             await self._send(req.client, p.Delta(request_id=req.request_id, index=delta.index,
                                                  text=out.release(finish is not None),
-                                                 token_ids=delta.token_ids, finish_reason=finish))
+                                                 token_ids=delta.token_ids, finish_reason=finish,
+                                                 logprobs=delta.logprobs if req.logprobs is not None else None))
         if finish is not None:
             req.finish[delta.index] = finish
-            if req.done:
-                await self._complete(req, engine_finished=delta.finish_reason is not None)
+            if delta.finish_reason is None:  # a stop string ended this output: free its blocks now
+                await self.engine.stop_outputs([(req.request_id, delta.index)])
+            if req.done and req.request_id in self.requests:
+                await self._complete(req, engine_finished=True)
 
     async def _complete(self, req: FrontendRequest, engine_finished: bool) -> None:
         if self.requests.pop(req.request_id, None) is None:
             return  # its client went away while we streamed to it
-        if not engine_finished or any(o.stopped for o in req.outputs):
-            await self.engine.abort([req.request_id])  # a stop string ended it: free its blocks now
+        if not engine_finished:
+            await self.engine.abort([req.request_id])  # free its blocks now
         now = time.monotonic()
         ttft = (req.first_token_at or now) - req.arrival
-        outputs = [p.CompletionOutput(index=i, text=o.text, token_ids=o.token_ids, finish_reason=req.finish[i])
+        outputs = [p.CompletionOutput(index=i, text=o.text, token_ids=o.token_ids, finish_reason=req.finish[i],
+                                      logprobs=req.logprobs[i] if req.logprobs is not None else None)
                    for i, o in enumerate(req.outputs)]
+        prompt_logprobs = None
+        if req.params.prompt_logprobs is not None:
+            prompt_logprobs = [None, *req.prompt_logprobs]
         completion_tokens = sum(len(o.token_ids) for o in req.outputs)
         self._finished += 1
         log.info("request.finished", request_id=req.request_id, prompt_tokens=len(req.prompt_ids),
@@ -239,7 +270,23 @@ class FrontendServer:
         await self._send(req.client, p.Completion(
             request_id=req.request_id, outputs=outputs, prompt_tokens=len(req.prompt_ids),
             completion_tokens=completion_tokens, prompt_token_ids=req.prompt_ids, ttft_s=ttft,
-            latency_s=now - req.arrival, num_preemptions=req.num_preemptions))
+            latency_s=now - req.arrival, num_preemptions=req.num_preemptions, prompt_logprobs=prompt_logprobs))
+
+    # -- drain ----------------------------------------------------------------
+    async def abort_in_flight(self) -> list[str]:
+        """End every request in flight now with finish_reason "abort" (a drain that ran
+        out of time, or a second SIGTERM); the scheduler is told to free them. Their ids."""
+        request_ids = list(self.requests)
+        for req in list(self.requests.values()):
+            req.finish = [f if f is not None else p.FinishReason.ABORT.value for f in req.finish]
+            await self._complete(req, engine_finished=False)
+        return request_ids
+
+    def close(self, linger_ms: int) -> None:
+        """Close the sockets, giving replies already queued `linger_ms` to leave."""
+        self.clients.close(linger=linger_ms)
+        self.engine.close()
+        self.ctx.term()
 
     # -- plumbing -------------------------------------------------------------
     async def _stats(self) -> dict:
@@ -259,6 +306,22 @@ class FrontendServer:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
             await self._client_gone(client)
+
+    async def _keepalive_loop(self) -> None:
+        """Probe every client with requests in flight (see KEEPALIVE_INTERVAL_S): a failed send
+        lands in `_client_gone`, which aborts that client's requests."""
+        keepalive = self._encoder.encode(p.KeepAlive())
+        while True:
+            await asyncio.sleep(KEEPALIVE_INTERVAL_S)
+            if self.clients.closed:
+                return  # shut down
+            for client in {r.client for r in self.requests.values()}:
+                try:
+                    await self.clients.send_multipart([client, keepalive])
+                except zmq.ZMQError as e:
+                    if e.errno != zmq.EHOSTUNREACH:
+                        raise
+                    await self._client_gone(client)
 
     async def _client_gone(self, client: bytes) -> None:
         gone = [rid for rid, r in self.requests.items() if r.client == client]

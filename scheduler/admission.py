@@ -29,6 +29,7 @@ class Limits:
     num_device_blocks: int
     block_size: int
     max_num_batched_tokens: int
+    enable_chunked_prefill: bool = True
 
 
 def check_request(msg: AddRequest, limits: Limits) -> int:
@@ -71,7 +72,7 @@ def check_request(msg: AddRequest, limits: Limits) -> int:
         )
     # Without chunked prefill a sequence recomputed after a preemption just
     # before its last token prefills total - 1 tokens in one step.
-    if total - 1 > limits.max_num_batched_tokens:
+    if not limits.enable_chunked_prefill and total - 1 > limits.max_num_batched_tokens:
         raise Rejected(
             ErrorCode.TOO_LONG,
             f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) may need a prefill of {total - 1} "

@@ -28,19 +28,25 @@ _ABORT = FinishReason.ABORT.value
 # Totals since start. requests_finished counts every way of finishing,
 # aborted (by a client) and failed (by a worker error) included.
 _COUNTERS = ("requests_finished", "requests_aborted", "requests_failed", "requests_rejected", "preemptions",
-             "tokens_generated", "steps")
+             "preemptions_recompute", "preemptions_swap", "tokens_generated", "steps", "prefix_cache_queried_tokens",
+             "prefix_cache_hit_tokens", "blocks_swapped_out", "blocks_swapped_in", "blocks_copied", "partial_prefills")
 
 
 class Scheduler:
     """Block tables, admission, continuous batching and preemption for one model.
 
     Sizes come from the workers' handshake: `num_device_blocks` KV blocks of
-    `block_size` tokens; `max_model_len` tokens per sequence.
+    `block_size` tokens, `num_host_blocks` blocks of host swap space;
+    `max_model_len` tokens per sequence.
 
     The worker is told changes, not snapshots: a sequence entering the running
-    set (after admission or a preemption) is sent once as a `NewSeq`; then only
-    its new block ids. A sequence the worker holds is named once in
-    `finished_seq_ids` when it finishes, is aborted or is preempted.
+    set (admitted, swapped in, forked) is sent once as a `NewSeq` with its whole
+    table and its `num_computed_tokens` (prefix-cache hits, swapped-in KV);
+    then only its new block ids. A sequence whose last block was replaced by a
+    copy is sent whole again (the worker replaces a known id). A sequence the
+    worker holds is named once in `finished_seq_ids` when it finishes, is
+    aborted or is preempted. Swap-outs, swap-ins and copies ride in the plan of
+    the step that needs them.
     """
 
     def __init__(
@@ -52,19 +58,24 @@ class Scheduler:
         max_model_len: int,
         vocab_size: int,
         eos_token_ids: list[int],
+        num_host_blocks: int = 0,
     ) -> None:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(max_model_len, 2048)
-        self.block_manager = BlockManager(num_device_blocks, block_size)
+        self.block_manager = BlockManager(num_device_blocks, block_size, num_host_blocks=num_host_blocks,
+                                          enable_prefix_caching=config.enable_prefix_caching)
         self.policy = BatchPolicy(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            preemption_mode=config.preemption_mode,
             on_preempt=self._on_preempt,
         )
-        self._limits = Limits(max_model_len, vocab_size, num_device_blocks, block_size, self.max_num_batched_tokens)
+        self._limits = Limits(max_model_len, vocab_size, num_device_blocks, block_size, self.max_num_batched_tokens,
+                              config.enable_chunked_prefill)
         self._requests: dict[str, Request] = {}  # in flight: at least one sequence unfinished
         self._seqs: dict[int, Sequence] = {}  # unfinished sequences
         self._next_seq_id = 0
@@ -105,7 +116,16 @@ class Scheduler:
             self._next_seq_id += 1
             request.seqs.append(seq)
             self._seqs[seq.seq_id] = seq
-            self.policy.enqueue(seq)
+        parent = request.seqs[0]
+        if params.n > 1 and request.prompt_len > 1:
+            # One prompt prefill for all n outputs: the others fork from output 0.
+            parent.children = request.seqs[1:]
+            for child in parent.children:
+                child.status = SeqStatus.FORK_PENDING
+            self.policy.enqueue(parent)
+        else:
+            for seq in request.seqs:
+                self.policy.enqueue(seq)
         self._requests[msg.request_id] = request
         return None
 
@@ -125,9 +145,24 @@ class Scheduler:
                     delta = TokenDelta(request_id, seq.output_index, [], finish_reason, seq.num_preemptions)
                     outputs.append((request.frontend, delta))
         if outputs:
-            self.policy.remove_finished_running()
-            self.policy.remove_finished_waiting()
+            self.policy.remove_finished()
         return outputs
+
+    def stop_outputs(self, outputs: Iterable[tuple[str, int]]) -> list[tuple[bytes, TokenDelta]]:
+        """Finish single outputs, as (request id, output index), with reason "stop" (a stop string
+        ended one of n outputs): frees their blocks now. Unknown or finished ones are ignored."""
+        finished = []
+        for request_id, index in outputs:
+            request = self._requests.get(request_id)
+            if request is None or not 0 <= index < len(request.seqs):
+                continue
+            seq = request.seqs[index]
+            if seq.status is not SeqStatus.FINISHED:
+                self._finish(seq)
+                finished.append((request.frontend, TokenDelta(request_id, index, [], _STOP, seq.num_preemptions)))
+        if finished:
+            self.policy.remove_finished()
+        return finished
 
     def abort_frontend(self, frontend: bytes) -> list[str]:
         """Abort every request of a frontend that went away; returns their ids.
@@ -143,7 +178,8 @@ class Scheduler:
     # -- steps ---------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self.policy.running or self.policy.waiting)
+        policy = self.policy
+        return bool(policy.running or policy.waiting or policy.swapped)
 
     def schedule(self) -> StepPlan:
         """The next step. With work queued it schedules at least one sequence.
@@ -153,22 +189,30 @@ class Scheduler:
         if self._in_flight is not None:
             raise RuntimeError(f"step {self._in_flight.step_id} is in flight: update() it before scheduling again")
         batch = self.policy.schedule_next_batch()  # preemptions land in _to_drop via _on_preempt
+        self._count_batch(batch)
         if not batch.scheduled:
+            if batch.swap_out:  # cannot happen (a preemption leaves its sequence scheduled), but never lose one
+                raise RuntimeError("a plan that swaps out but schedules nothing")
             return StepPlan(step_id=self._next_step_id, scheduled=[])
-        for seq in batch.admitted:
+        for seq in batch.rebuilt:
+            seq.on_worker = False  # its table changed in place: send it whole again
+        scheduled, new_seqs = [], []
+        for seq, num_tokens, new_blocks in batch.scheduled:
+            if seq.on_worker:
+                scheduled.append(ScheduledSeq(seq.seq_id, num_tokens, seq.num_computed_tokens, new_blocks))
+                continue
             seq.on_worker = True
+            scheduled.append(ScheduledSeq(seq.seq_id, num_tokens, seq.num_computed_tokens))
+            new_seqs.append(NewSeq(seq.seq_id, list(seq.token_ids), seq.prompt_len, list(seq.block_table),
+                                   seq.request.params, seq.output_index))
         plan = StepPlan(
             step_id=self._next_step_id,
-            scheduled=[
-                ScheduledSeq(seq.seq_id, num_tokens, seq.num_computed_tokens, new_blocks)
-                for seq, num_tokens, new_blocks in batch.scheduled
-            ],
-            new_seqs=[
-                NewSeq(seq.seq_id, list(seq.token_ids), seq.prompt_len, list(seq.block_table), seq.request.params,
-                       seq.output_index)
-                for seq in batch.admitted
-            ],
+            scheduled=scheduled,
+            new_seqs=new_seqs,
             finished_seq_ids=self._to_drop,
+            swap_out=batch.swap_out,
+            swap_in=batch.swap_in,
+            copy=batch.copy,
         )
         self._to_drop = []
         self._next_step_id += 1
@@ -193,18 +237,23 @@ class Scheduler:
         self._counters["steps"] += 1
         outputs = []
         any_finished = False
-        for work, token in zip(plan.scheduled, result.sampled):
+        for i, (work, token) in enumerate(zip(plan.scheduled, result.sampled)):
             seq = self._seqs.get(work.seq_id)
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue
             seq.num_computed_tokens = work.num_computed_tokens + work.num_tokens
+            self.block_manager.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if seq.children and seq.num_computed_tokens >= seq.compute_limit:
+                self.policy.fork_children(seq)
             if seq.num_computed_tokens < seq.num_tokens:
+                self._counters["partial_prefills"] += 1
                 continue  # a partial prefill chunk samples nothing
             if not 0 <= token < self.vocab_size:
                 raise ValueError(f"step {plan.step_id}: sequence {seq.seq_id} sampled {token}, outside the vocabulary")
             seq.token_ids.append(token)
             self._counters["tokens_generated"] += 1
             delta = TokenDelta(seq.request_id, seq.output_index, [token])
+            _attach_logprobs(delta, result, i)
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self._finish(seq)
@@ -228,7 +277,9 @@ class Scheduler:
     def on_worker_restart(self) -> None:
         """The worker lost its state (it restarted or reconnected): forget the
         step in flight and preempt every running sequence by recompute, so the
-        next plans resend everything as `NewSeq`s. Nothing is lost."""
+        next plans resend everything as `NewSeq`s; swapped sequences recompute
+        too and the prefix cache is forgotten (both caches died with the
+        worker). Nothing is lost."""
         self._in_flight = None
         self.policy.preempt_all(cause="worker_restart")
         for seq in self._seqs.values():
@@ -238,8 +289,9 @@ class Scheduler:
     # -- internals -----------------------------------------------------------
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        """Checked after appending `token` to `seq`."""
-        if token in seq.request.stop_token_ids:
+        """Checked after appending `token` to `seq`. EOS and stop ids end it only from generated
+        token number min_tokens on (0-based): the worker masks them before that."""
+        if token in seq.request.stop_token_ids and seq.num_output_tokens > seq.request.params.min_tokens:
             return _STOP
         if seq.num_output_tokens >= seq.request.max_tokens or seq.num_tokens >= self.max_model_len:
             return _LENGTH
@@ -248,8 +300,9 @@ class Scheduler:
     def _finish(self, seq: Sequence) -> None:
         """Free `seq` now; the caller removes it from the policy's lists."""
         seq.status = SeqStatus.FINISHED
-        if self.block_manager.has_table(seq.seq_id):
-            self.block_manager.free(seq.seq_id)
+        bm = self.block_manager
+        if bm.has_table(seq.seq_id) or bm.is_swapped(seq.seq_id):
+            bm.free(seq.seq_id)
         self._release_from_worker(seq)
         del self._seqs[seq.seq_id]
         request = seq.request
@@ -257,20 +310,32 @@ class Scheduler:
             del self._requests[request.request_id]
             self._counters["requests_finished"] += 1
 
-    def _on_preempt(self, seq: Sequence, cause: str) -> None:
-        """Called by the policy before the victim's blocks are freed."""
+    def _on_preempt(self, seq: Sequence, cause: str, mode: str) -> None:
+        """Called by the policy before the victim's blocks are freed or swapped."""
         self._counters["preemptions"] += 1
+        self._counters[f"preemptions_{mode}"] += 1
+        bm = self.block_manager
         _log.info(
             "request.preempted",
             request_id=seq.request_id,
             seq_id=seq.seq_id,
-            mode="recompute",
+            mode=mode,
             cause=cause,
-            tokens_to_recompute=seq.num_tokens,
-            kv_blocks_used=self.block_manager.num_used_blocks,
-            kv_blocks_total=self.block_manager.num_blocks,
+            tokens_to_recompute=seq.num_tokens if mode == "recompute" else 0,
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_total=bm.num_blocks,
+            host_blocks_used=bm.num_used_host_blocks,
+            host_blocks_total=bm.num_host_blocks,
         )
         self._release_from_worker(seq)
+
+    def _count_batch(self, batch) -> None:
+        c = self._counters
+        c["prefix_cache_queried_tokens"] += batch.prefix_queried_tokens
+        c["prefix_cache_hit_tokens"] += batch.prefix_hit_tokens
+        c["blocks_swapped_out"] += len(batch.swap_out)
+        c["blocks_swapped_in"] += len(batch.swap_in)
+        c["blocks_copied"] += len(batch.copy)
 
     def _release_from_worker(self, seq: Sequence) -> None:
         if seq.on_worker:
@@ -284,37 +349,62 @@ class Scheduler:
         return self._seqs.get(seq_id)
 
     def stats(self) -> dict[str, int]:
-        """Gauges (sequences running/waiting, KV blocks) and the `_COUNTERS` totals."""
+        """Gauges (sequences running/waiting/swapped, device and host KV blocks)
+        and the `_COUNTERS` totals; units in the names (blocks, tokens)."""
+        bm, policy = self.block_manager, self.policy
         return {
-            "running": len(self.policy.running),
-            "waiting": len(self.policy.waiting),
-            "swapped": 0,
+            "running": len(policy.running),
+            "waiting": len(policy.waiting),
+            "swapped": len(policy.swapped),
             "requests_in_flight": len(self._requests),
             **self._counters,
-            "kv_blocks_used": self.block_manager.num_used_blocks,
-            "kv_blocks_total": self.block_manager.num_blocks,
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_cached": bm.num_cached_blocks,
+            "kv_blocks_allocated": bm.blocks_allocated,
+            "kv_blocks_evicted": bm.blocks_evicted,
+            "host_blocks_used": bm.num_used_host_blocks,
+            "host_blocks_total": bm.num_host_blocks,
         }
 
     def check_invariants(self) -> None:
         """O(everything): for tests. Between steps (no plan in flight), every
-        running sequence has KV for all its tokens but the last sampled one."""
+        running sequence has KV for exactly its computed tokens, at least one
+        token short of all it knows (the last sampled one, or a prefill chunk)."""
         self.block_manager.check_invariants()
-        running, waiting = self.policy.running, list(self.policy.waiting)
+        policy = self.policy
+        running, waiting, swapped = policy.running, list(policy.waiting), list(policy.swapped)
+        pending = [child for seq in self._seqs.values() for child in seq.children]
         if running != sorted(running, key=lambda s: s.sort_key):
             raise AssertionError("running is out of policy order")
-        ids = [s.seq_id for s in running + waiting]
+        ids = [s.seq_id for s in running + waiting + swapped + pending]
         if len(ids) != len(self._seqs) or set(ids) != self._seqs.keys():
-            raise AssertionError("running + waiting disagree with the unfinished sequences")
+            raise AssertionError("running + waiting + swapped + fork-pending disagree with the unfinished sequences")
         bm = self.block_manager
         for seq in running:
             if seq.status is not SeqStatus.RUNNING or seq.block_table is not bm.block_table(seq.seq_id):
                 raise AssertionError(f"running sequence {seq.seq_id} has status {seq.status} or a stale table")
             slots = bm.num_slots(seq.seq_id)
-            if self._in_flight is None and not seq.num_computed_tokens == seq.num_tokens - 1 == slots:
+            if self._in_flight is None and not (slots == seq.num_computed_tokens < seq.compute_limit or
+                                                slots == seq.num_computed_tokens == seq.num_tokens - 1):
                 raise AssertionError(f"running sequence {seq.seq_id}: {seq.num_computed_tokens} of {seq.num_tokens} "
                                      f"tokens computed, {slots} slots")
-        for seq in waiting:
-            if seq.status is not SeqStatus.WAITING or seq.block_table or bm.has_table(seq.seq_id):
-                raise AssertionError(f"waiting sequence {seq.seq_id} holds blocks or has status {seq.status}")
+        for seq in swapped:
+            if seq.status is not SeqStatus.SWAPPED or not bm.is_swapped(seq.seq_id) or seq.on_worker:
+                raise AssertionError(f"swapped sequence {seq.seq_id} has status {seq.status} or no host table")
+            if bm.num_slots(seq.seq_id) != seq.num_computed_tokens:
+                raise AssertionError(f"swapped sequence {seq.seq_id} lost track of its computed tokens")
+        for seq in waiting + pending:
+            expected = SeqStatus.WAITING if seq in waiting else SeqStatus.FORK_PENDING
+            if seq.status is not expected or seq.block_table or bm.has_table(seq.seq_id) or bm.is_swapped(seq.seq_id):
+                raise AssertionError(f"sequence {seq.seq_id} holds blocks or has status {seq.status}")
             if seq.num_computed_tokens != 0 or seq.on_worker:
                 raise AssertionError(f"waiting sequence {seq.seq_id} is computed or on the worker")
+
+
+def _attach_logprobs(delta: TokenDelta, result: StepResult, i: int) -> None:
+    """Copy row `i`'s logprobs (if the worker sent any) onto its delta."""
+    if result.logprobs and result.logprobs[i] is not None:
+        delta.logprobs = [result.logprobs[i]]
+    if result.prompt_logprobs and result.prompt_logprobs[i]:
+        delta.prompt_logprobs = result.prompt_logprobs[i]

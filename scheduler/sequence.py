@@ -1,7 +1,9 @@
 """What the scheduler tracks per request and per generated output (sequence).
 
-A request with `params.n == k` has k sequences, one per output index. Each is
-scheduled on its own (no KV shared between them yet). Lengths are in tokens.
+A request with `params.n == k` has k sequences, one per output index. Output 0
+(the parent) prefills the prompt but its last token; then the other k - 1 are
+forked from it, sharing its blocks, and each computes the last prompt token
+itself, sampling its own first token. Lengths are in tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from shared.protocol import SamplingParams
 class SeqStatus(enum.Enum):
     WAITING = "waiting"  # holds no KV blocks; queued in policy order
     RUNNING = "running"  # holds KV blocks for num_computed_tokens (plus this step's tokens)
+    SWAPPED = "swapped"  # its KV for num_computed_tokens sits in host blocks; queued to come back
+    FORK_PENDING = "fork_pending"  # output k > 0 waiting for its parent's prompt prefill
     FINISHED = "finished"  # done, aborted or failed; holds nothing
 
 
@@ -46,7 +50,12 @@ class Sequence:
 
     `token_ids` is the prompt followed by every generated token; the first
     `num_computed_tokens` of them have KV in the cache (0 while waiting: a
-    preempted sequence recomputes everything, keeping its generated tokens).
+    sequence preempted by recompute keeps its generated tokens, and prefix
+    caching may give back some of its KV at admission; kept while swapped).
+
+    `children` are the outputs still to be forked from this one (pending
+    sequences of the same request): while there are any, it computes no
+    further than `compute_limit`, the prompt but its last token.
 
     `block_table` is the BlockManager's live table for this sequence (read it,
     never change it); empty while the sequence holds no blocks.
@@ -64,6 +73,7 @@ class Sequence:
     num_preemptions: int = 0
     block_table: list[int] = field(default_factory=list)
     on_worker: bool = False
+    children: list[Sequence] = field(default_factory=list)
     # Policy order, best first: priority, then arrival; the scheduler assigns
     # seq ids in arrival order, so the id breaks ties deterministically.
     sort_key: tuple[int, float, int] = field(init=False)
@@ -82,6 +92,12 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def compute_limit(self) -> int:
+        """Tokens this sequence may compute before something else must happen:
+        the fork point while it has children to fork, else all it knows."""
+        return self.request.prompt_len - 1 if self.children else len(self.token_ids)
 
     @property
     def num_output_tokens(self) -> int:

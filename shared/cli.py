@@ -3,6 +3,12 @@
     pagedserve serve      all roles as child processes of one supervisor
     pagedserve scheduler  | worker | frontend   one role (same flags as serve)
     pagedserve generate --server ADDR "prompt"  stream an answer through the SDK
+    pagedserve stats --server ADDR             health and live counters, as a table
+
+Settings come from `--config FILE` (TOML, keys = ServerConfig field names), then
+the flags on top. A bad file, key or value stops start-up with a message naming
+it (exit 2). A role that meets a fatal error logs `<role>.fatal` and exits 1, so
+systemd's Restart=on-failure fires.
 
 Role modules are imported only inside the chosen command, so `shared` itself
 stays free of torch and of the other packages.
@@ -11,11 +17,13 @@ stays free of torch and of the other packages.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 import msgspec
 
-from shared.config import ServerConfig
+from shared.config import ConfigError, ServerConfig, load_config
 
 ROLES = ("serve", "scheduler", "worker", "frontend")
 
@@ -36,29 +44,38 @@ HELP = {
     "gpu_memory_utilization": "CUDA: share of device memory to use",
     "max_num_seqs": "most sequences in one step",
     "max_num_batched_tokens": "most tokens in one step (default max(max_model_len, 2048))",
+    # memory manager
+    "enable_chunked_prefill": "true or false: prefill long prompts in chunks within the token budget (default true)",
+    "enable_prefix_caching": "true or false: reuse KV blocks of identical prompt prefixes (default true)",
+    "preemption_mode": "recompute or swap: what a preempted sequence's KV becomes (swap needs --swap-space)",
+    "swap_space_gib": "host memory per worker for swapped-out KV blocks, in GiB (default 0)",
     "tensor_parallel_size": "number of worker ranks",
     "rank": "this worker's rank (worker role)",
     "stats_interval_s": "seconds between scheduler.stats events",
     "log_level": "debug, info, warning or error",
+    "drain_timeout_s": "on SIGTERM, seconds in-flight requests get to finish before they are aborted",
 }
+ALIASES = {"drain_timeout_s": ["--drain-timeout"]}
 
 
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ServerConfig field; defaults come from the struct, not from argparse."""
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="TOML file of settings (keys are these flags' names with underscores); "
+                             "flags override it")
     for f in msgspec.structs.fields(ServerConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="X",
-                            help=HELP.get(f.name, ""))
+        parser.add_argument("--" + f.name.replace("_", "-"), *ALIASES.get(f.name, []), dest=f.name, default=None,
+                            metavar="X", help=HELP.get(f.name, ""))
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     given = {f.name: getattr(args, f.name) for f in msgspec.structs.fields(ServerConfig)
              if getattr(args, f.name, None) is not None}
     try:
-        config = msgspec.convert(given, ServerConfig, strict=False)
-        config.validate()
-    except (msgspec.ValidationError, ValueError) as e:
-        raise SystemExit(f"pagedserve: bad configuration: {e}")
-    return config
+        return load_config(getattr(args, "config", None), given)
+    except ConfigError as e:
+        print(f"pagedserve {args.command}: bad configuration: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the server to become ready")
+    st = sub.add_parser("stats", help="print a running server's health and counters")
+    st.add_argument("--server", default="tcp://127.0.0.1:8765")
+    st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply")
+    st.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     return parser
 
 
@@ -86,25 +107,52 @@ def main(argv: list[str] | None = None) -> int:
         from shared.generate_cmd import run_generate
 
         return run_generate(args)
+    if args.command == "stats":
+        from shared.stats_cmd import run_stats
+
+        return run_stats(args)
     config = config_from_args(args)
-    from shared.logging import configure_logging
+    from shared.logging import configure_logging, get_logger
 
     configure_logging(args.command, config.log_level)
-    if args.command == "serve":
+    try:
+        return _run_role(args.command, config, argv)
+    except Exception:
+        # Any fatal error: one JSON event with the traceback, then a non-zero exit.
+        get_logger().exception(f"{args.command}.fatal")
+        return 1
+    finally:
+        # The role is done; interpreter teardown (torch's takes seconds) resets Python-level
+        # handlers to the default, so a late SIGTERM would turn our exit code into -15.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_role(command: str, config: ServerConfig, argv: list[str] | None) -> int:
+    if command == "serve":
         from shared.supervisor import run_supervisor
 
-        return run_supervisor(config, sys.argv[2:] if argv is None else argv[1:])
-    if args.command == "scheduler":
+        return run_supervisor(config, sys.argv[2:] if argv is None else argv[1:], _role_command())
+    if command == "scheduler":
         from scheduler.loop import run_scheduler
 
         return run_scheduler(config)
-    if args.command == "worker":
+    if command == "worker":
         from worker.loop import run_worker
 
         return run_worker(config)
     from frontend.main import run_frontend
 
     return run_frontend(config)
+
+
+def _role_command() -> list[str]:
+    """How `serve` starts a role: through the `pagedserve` console script when that is how
+    we were started, so `ps` shows `pagedserve worker ...`; else `python -m shared.cli`."""
+    script = sys.argv[0] if sys.argv else ""
+    if os.path.basename(script) == "pagedserve" and os.path.isfile(script):
+        return [sys.executable, os.path.abspath(script)]
+    return [sys.executable, "-m", "shared.cli"]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
         for d in c.stream("Once upon a time", params): print(d.text, end="")
 
 Every failure a request can meet surfaces as `RequestError` with a stable `.code`
-(see `shared.protocol.ErrorCode`). A `Client` is not thread-safe (one ZeroMQ
+(see `shared.protocol.ErrorCode`). Leaving a stream early, `abort(request_id)`, or closing
+the client (even by the process dying) frees the request's server-side blocks: the frontend
+probes its clients about once a second and aborts the requests of one that went away. A `Client` is not thread-safe (one ZeroMQ
 socket); use one per thread, or one `AsyncClient` for many concurrent requests.
 """
 
@@ -147,6 +149,8 @@ class Client(_Base):
             msg = self._decoder.decode(frame)
         except msgspec.DecodeError:
             return  # a newer server's message kind: ignore rather than fail every request
+        if isinstance(msg, p.KeepAlive):
+            return  # the server's connection probe: nothing to deliver
         box = self._inbox.get(msg.request_id)
         if box is not None:
             box.append(msg)
@@ -248,6 +252,8 @@ class AsyncClient(_Base):
                 msg = self._decoder.decode(frame)
             except msgspec.DecodeError:
                 continue
+            if isinstance(msg, p.KeepAlive):
+                continue  # the server's connection probe: nothing to deliver
             queue = self._queues.get(msg.request_id)
             if queue is not None:
                 queue.put_nowait(msg)

@@ -8,7 +8,8 @@ block size and limits. Units are in the field names or comments.
 from __future__ import annotations
 
 import os
-from typing import Literal
+import tomllib
+from typing import Any, Literal
 
 import msgspec
 
@@ -39,6 +40,12 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_num_seqs: int = 128  # sequences in one step
     max_num_batched_tokens: int | None = None  # tokens in one step; None: max(max_model_len, 2048)
 
+    # memory manager
+    enable_chunked_prefill: bool = True  # prefill long prompts over several steps, within the token budget
+    enable_prefix_caching: bool = True  # reuse computed KV blocks of identical prompt prefixes
+    preemption_mode: Literal["recompute", "swap"] = "recompute"  # swap falls back to recompute without host room
+    swap_space_gib: float = 0.0  # host memory per worker for swapped-out KV blocks, GiB
+
     # topology
     tensor_parallel_size: int = 1
     rank: int = 0  # worker role only
@@ -46,6 +53,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # operations
     stats_interval_s: float = 10.0
     log_level: str = "info"
+    drain_timeout_s: float = 30.0  # SIGTERM: seconds in-flight requests get to finish before they are aborted
 
     def resolved_run_dir(self) -> str:
         return self.run_dir or default_run_dir()
@@ -72,12 +80,62 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"rank must be in [0, {self.tensor_parallel_size}), got {self.rank}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not self.swap_space_gib >= 0.0:
+            raise ValueError(f"swap_space_gib must be >= 0, got {self.swap_space_gib}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.stats_interval_s <= 0:
+            raise ValueError(f"stats_interval_s must be > 0, got {self.stats_interval_s}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 
 
 def default_run_dir() -> str:
     """systemd's RuntimeDirectory when set, else a per-user directory under /tmp."""
     return os.environ.get("RUNTIME_DIRECTORY") or f"/tmp/pagedserve-{os.getuid()}"
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names it."""
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> ServerConfig:
+    """The TOML file at `path` (flat: its keys are ServerConfig's field names), then
+    `overrides` on top (command-line flags; strings are converted, "16" -> 16).
+
+    Raises ConfigError naming the file, the key and the problem."""
+    from_file: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                from_file = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    try:
+        config = msgspec.convert(from_file, ServerConfig)  # TOML is typed: no "16" for 16 here
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"config file {path}: {_name_the_key(e)}") from None
+    if overrides:
+        try:
+            given = msgspec.convert(overrides, ServerConfig, strict=False)
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"command line: {_name_the_key(e)}") from None
+        config = msgspec.structs.replace(config, **{k: getattr(given, k) for k in overrides})
+    try:
+        config.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return config
+
+
+def _name_the_key(e: msgspec.ValidationError) -> str:
+    """msgspec says `... - at `$.block_size``; say `block_size: ...` instead."""
+    text = str(e)
+    message, sep, where = text.rpartition(" - at `$.")
+    return f"{where.rstrip('`')}: {message}" if sep else text

@@ -30,7 +30,10 @@ from msgspec import Meta, Struct, field
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_TEXT_CHARS = 1 << 24
 MAX_STOP_STRINGS = 64
+MAX_STOP_TOKEN_IDS = 256
 MAX_N = 64
+MAX_LOGPROBS = 20  # top-k logprobs per token at most (vLLM's default max_logprobs)
+GREEDY_TEMPERATURE = 1e-5  # a temperature below this samples greedily (as vLLM: dividing by it overflows)
 
 RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
 TokenIds = Annotated[list[int], Meta(max_length=MAX_PROMPT_TOKENS)]
@@ -78,9 +81,17 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    min_p: float = 0.0  # drop tokens whose probability is below min_p * the top probability
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated
+    repetition_penalty: float = 1.0  # >1 discourages tokens of the prompt or the output (CTRL)
+    min_tokens: int = 0  # EOS and stop_token_ids / stop strings cannot end the output before this many tokens
+    logprobs: int | None = None  # top-k log-probabilities per generated token, plus the chosen token's
+    prompt_logprobs: int | None = None  # the same for every prompt token but the first
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first bad field."""
+        self._validate_new_fields()
         if not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -102,9 +113,46 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
                 if not 0 <= t < vocab_size:
                     raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab_size})")
 
+    def _validate_new_fields(self) -> None:
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if not 0.0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be None or in [0, {MAX_LOGPROBS}], got {value}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}")
+
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+class TokenLogprobs(Struct, array_like=True, forbid_unknown_fields=True):
+    """Log-probabilities (natural log, float32 precision) at one position, from the model's raw
+    distribution (before penalties, temperature and filters, as vLLM's default).
+
+    `token_id`/`logprob`/`rank` are the chosen token's (sampled, or the prompt's own); rank 1 is
+    the most likely. `top_ids`/`top_logprobs` are the `logprobs` most likely tokens, best first
+    (the chosen token may be among them). Array-like, unlike other client structs, because it
+    repeats once per token: field names would double its size.
+    """
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------
@@ -156,6 +204,7 @@ class Delta(_ClientStruct, tag="delta"):
     token_ids: list[int]
     index: int = 0
     finish_reason: str | None = None  # set on the last delta of output `index`
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, when params.logprobs is set
 
 
 class CompletionOutput(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -163,6 +212,7 @@ class CompletionOutput(Struct, kw_only=True, forbid_unknown_fields=True):
     text: str
     token_ids: list[int]  # generated ids only
     finish_reason: str  # a FinishReason value
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, when params.logprobs is set
 
 
 class Completion(_ClientStruct, tag="completion"):
@@ -176,6 +226,8 @@ class Completion(_ClientStruct, tag="completion"):
     ttft_s: float = 0.0  # frontend receipt -> first generated token
     latency_s: float = 0.0  # frontend receipt -> completion
     num_preemptions: int = 0
+    # One per prompt token when params.prompt_logprobs is set; the first is None (nothing predicts it).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def text(self) -> str:
@@ -211,7 +263,15 @@ class StatsReply(_ClientStruct, tag="stats"):
     stats: dict[str, Any]
 
 
-ServerMessage = Union[Delta, Completion, ErrorReply, HealthReply, StatsReply]
+class KeepAlive(_ClientStruct, tag="keepalive"):
+    """Sent by the frontend about once a second to every client with requests in flight; the SDK
+    drops it. It exists for its send: a ROUTER learns that a client went away only when a send
+    to it fails, so this is how a disconnected non-streaming client's requests get aborted."""
+
+    request_id: str = ""
+
+
+ServerMessage = Union[Delta, Completion, ErrorReply, HealthReply, StatsReply, KeepAlive]
 
 
 # --------------------------------------------------------------------------
@@ -238,7 +298,11 @@ class AddRequest(_Internal, tag="add"):
 
 
 class AbortRequests(_Internal, tag="abort"):
+    """Abort whole requests; and/or finish single outputs, as (request id, output index) pairs,
+    with reason "stop" (one of n outputs ended by a stop string: its blocks are freed now)."""
+
     request_ids: list[str]
+    stop_outputs: list[tuple[str, int]] = field(default_factory=list)
 
 
 class StatsQuery(_Internal, tag="stats_q"):
@@ -270,6 +334,8 @@ class TokenDelta(_Internal, tag="td"):
     token_ids: list[int]
     finish_reason: str | None = None
     num_preemptions: int = 0  # set on the finishing delta
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token id, if requested
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.., on the first delta
 
 
 class EngineOutputs(_Internal, tag="outputs"):
@@ -358,10 +424,19 @@ class StepPlan(_Internal, tag="plan"):
 
 
 class Shutdown(_Internal, tag="shutdown"):
+    """The worker exits 0 (draining or stopping), or 1 if it comes before `HelloAck`
+    (the scheduler refused its hello; `reason` says why)."""
+
     reason: str = ""
 
 
-PlanMessage = Union[StepPlan, Shutdown]
+class HelloAck(_Internal, tag="w_ack"):
+    """The scheduler accepted a `WorkerHello`: the handshake is done, the worker is ready."""
+
+    rank: int
+
+
+PlanMessage = Union[StepPlan, Shutdown, HelloAck]
 
 
 class StepResult(_Internal, tag="result"):
@@ -371,6 +446,11 @@ class StepResult(_Internal, tag="result"):
     step_id: int
     sampled: list[int]
     step_time_s: float = 0.0  # worker-side wall time of the step
+    # Aligned with `sampled` when any row asked for logprobs, else empty; None for rows without.
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    # Aligned with `sampled` when any row carries prompt logprobs, else empty. A sequence's prompt
+    # logprobs (prompt tokens 1..prompt_len-1) come whole with its first sampled token.
+    prompt_logprobs: list[list[TokenLogprobs]] = field(default_factory=list)
 
 
 class WorkerError(_Internal, tag="w_error"):

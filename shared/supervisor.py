@@ -3,7 +3,21 @@
 For a laptop, CI and demos. Under systemd each role is its own unit instead.
 Children inherit stdout, so all JSON events arrive on one stream. A child that
 dies takes the whole server down with a non-zero exit (recovering a role in
-place belongs to the fault-tolerance work); SIGTERM/SIGINT stop every child.
+place belongs to the fault-tolerance work).
+
+Stopping (SIGTERM or SIGINT) is ordered so in-flight requests really finish:
+1. the frontend: it refuses new requests (`shutting_down`) and waits for its
+   in-flight ones, which still need the scheduler and the workers;
+2. then the scheduler: nothing is left in flight, so it tells the workers to
+   shut down and exits;
+3. then the workers (normally gone already, after the scheduler's Shutdown).
+Each stage gets drain_timeout_s + STOP_GRACE_S before it is killed. A second
+signal is forwarded to the stage being waited on: the frontend then aborts what
+is still in flight (finish_reason "abort") at once.
+
+Children run in their own process group, so a terminal's Ctrl-C reaches only
+the supervisor, which then stops them in order; if the supervisor dies, even by
+SIGKILL, the kernel sends each child SIGTERM (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -13,16 +27,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
 from shared.config import ServerConfig
 from shared.logging import get_logger
+from shared.sdnotify import child_environment
 
 log = get_logger()
 
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 10.0  # beyond drain_timeout_s, per stage, before SIGKILL
+POLL_S = 0.1
 _PR_SET_PDEATHSIG = 1
 
 
@@ -46,54 +61,78 @@ def _strip_flag(argv: list[str], flag: str) -> list[str]:
     return out
 
 
-def run_supervisor(config: ServerConfig, argv: list[str]) -> int:
+class _Signals:
+    """Counts SIGTERM/SIGINT; the waits below poll it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, _signum, _frame) -> None:
+        self.count += 1
+
+
+def run_supervisor(config: ServerConfig, argv: list[str], role_command: list[str]) -> int:
+    """`argv`: serve's own flags, passed on to every child (`--config` included);
+    `role_command`: how to start a role, e.g. [python, path/to/pagedserve]."""
     own_run_dir = not config.run_dir
     run_dir = tempfile.mkdtemp(prefix="pagedserve-") if own_run_dir else config.run_dir
     os.makedirs(run_dir, mode=0o750, exist_ok=True)
     base = _strip_flag(_strip_flag(argv, "--run-dir"), "--rank") + ["--run-dir", run_dir]
-    cmd = [sys.executable, "-m", "shared.cli"]
-    specs = [("scheduler", cmd + ["scheduler"] + base)]
-    specs += [(f"worker{r}", cmd + ["worker"] + base + ["--rank", str(r)])
+    specs = [("scheduler", role_command + ["scheduler"] + base)]
+    specs += [(f"worker{r}", role_command + ["worker"] + base + ["--rank", str(r)])
               for r in range(config.tensor_parallel_size)]
-    specs += [("frontend", cmd + ["frontend"] + base)]
+    specs += [("frontend", role_command + ["frontend"] + base)]
 
-    stopping = False
-
-    def on_signal(signum, _frame):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    children = {name: subprocess.Popen(argv_, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+    signals = _Signals()
+    env = child_environment()  # only a process systemd started may speak to systemd
+    children = {name: subprocess.Popen(argv_, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL, env=env,
+                                       process_group=0)
                 for name, argv_ in specs}
     log.info("supervisor.started", run_dir=run_dir, listen=config.listen,
              children={name: c.pid for name, c in children.items()})
     code = 0
-    while not stopping:
+    while not signals.count:
         dead = [(name, c.returncode) for name, c in children.items() if c.poll() is not None]
         if dead:
             for name, rc in dead:
                 log.error("supervisor.child_exited", child=name, exit_code=rc)
             code = 1
             break
-        time.sleep(0.2)
-    _stop_all(children)
+        time.sleep(POLL_S)
+    log.info("supervisor.stopping", reason="signal" if signals.count else "child_exited")
+    stages = [["frontend"], ["scheduler"], [n for n in children if n.startswith("worker")]]
+    for stage in stages:
+        if not _stop_stage({n: children[n] for n in stage}, config.drain_timeout_s + STOP_GRACE_S, signals):
+            code = 1
     if own_run_dir:
         shutil.rmtree(run_dir, ignore_errors=True)
-    log.info("supervisor.stopped", exit_code=code)
+    log.info("supervisor.stopped", exit_code=code,
+             children_exit_codes={name: c.returncode for name, c in children.items()})
     return code
 
 
-def _stop_all(children: dict[str, subprocess.Popen]) -> None:
-    for c in children.values():
+def _stop_stage(stage: dict[str, subprocess.Popen], grace_s: float, signals: _Signals) -> bool:
+    """SIGTERM the stage's running children and wait; forward a further signal; kill
+    at the deadline. True when every child of the stage exited 0 (or had exited 0)."""
+    for c in stage.values():
         if c.poll() is None:
             c.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    for c in children.values():
-        try:
-            c.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            c.kill()
-            c.wait()
+    seen = signals.count
+    deadline = time.monotonic() + grace_s
+    while any(c.poll() is None for c in stage.values()):
+        if signals.count > seen:  # another signal: the stage should stop now, not drain
+            seen = signals.count
+            for c in stage.values():
+                if c.poll() is None:
+                    c.send_signal(signal.SIGTERM)
+        if time.monotonic() >= deadline:
+            for name, c in stage.items():
+                if c.poll() is None:
+                    log.error("supervisor.child_killed", child=name, after_s=grace_s)
+                    c.kill()
+                    c.wait()
+            break
+        time.sleep(POLL_S)
+    return all(c.returncode == 0 for c in stage.values())

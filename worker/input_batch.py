@@ -9,6 +9,9 @@ the latest sampled one); ``block_ids`` is its block table in logical order and i
 ``row`` of the persistent numpy table; a step computes tokens
 ``[num_computed_tokens, num_computed_tokens + num_tokens)`` and samples when that range ends at
 ``len(token_ids)``.
+
+Sampling parameters and penalty counts of each row live in `SamplingState` (worker/sampling_state.py),
+set when a sequence is added and updated in place after each sampled token.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from shared.protocol import NewSeq, SamplingParams, ScheduledSeq
 from worker.attention import AttentionMetadata
+from worker.sampling_state import SamplingMetadata, SamplingState
 
 
 @dataclass
@@ -32,6 +36,10 @@ class SeqState:
     output_index: int  # which of the request's n outputs (part of the seeded-sampling key)
     num_computed_tokens: int  # tokens whose K/V are in the cache
     row: int  # row of the persistent block table
+    # Prompt logprobs computed so far, sent whole with the first sampled token; None when not
+    # wanted: params.prompt_logprobs unset, output_index > 0 (output 0 reports them), or a token
+    # was already generated (so they were sent before a preemption).
+    prompt_logprobs: list | None = None
 
     @property
     def num_generated(self) -> int:
@@ -48,10 +56,15 @@ class StepInputs:
     logits_indices: torch.Tensor  # int64 [num_sampled]: rows of the hidden states to sample
     sampled_positions: list[int]  # index into plan.scheduled of each sampled row
     sampled_seqs: list[SeqState]  # the sequence of each sampled row
+    sampling: SamplingMetadata | None  # None when no row samples
+    # (sequence, flat index of its first chunk token, that token's position, count): chunk tokens
+    # whose logits predict a prompt token, for sequences that want prompt logprobs.
+    prompt_logprob_spans: list[tuple[SeqState, int, int, int]]
 
 
 class InputBatch:
-    def __init__(self, block_size: int, max_model_len: int, device: torch.device, initial_rows: int = 64):
+    def __init__(self, block_size: int, max_model_len: int, device: torch.device, initial_rows: int = 64,
+                 vocab_size: int | None = None, eos_token_ids: tuple[int, ...] | list[int] = ()):
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // block_size)
@@ -59,6 +72,7 @@ class InputBatch:
         self.seqs: dict[int, SeqState] = {}
         self._block_table = np.zeros((initial_rows, self.max_blocks_per_seq), dtype=np.int32)
         self._free_rows = list(range(initial_rows - 1, -1, -1))
+        self.sampling = SamplingState(initial_rows, vocab_size, device, eos_token_ids)
 
     # ---- state changes ----------------------------------------------------------------------
 
@@ -79,12 +93,16 @@ class InputBatch:
                        num_computed_tokens=0, row=self._take_row())
         self.seqs[new.seq_id] = seq
         self._append_blocks(seq, new.block_ids)
+        self.sampling.set_row(seq.row, new.params, new.output_index, seq.token_ids, new.prompt_len)
+        if new.params.prompt_logprobs is not None and new.output_index == 0 and seq.num_generated == 0:
+            seq.prompt_logprobs = []
 
     def _take_row(self) -> int:
         if not self._free_rows:
             old = self._block_table.shape[0]
             self._block_table = np.concatenate([self._block_table, np.zeros_like(self._block_table)])
             self._free_rows = list(range(2 * old - 1, old - 1, -1))
+            self.sampling.grow(2 * old)
         return self._free_rows.pop()
 
     def _append_blocks(self, seq: SeqState, block_ids: list[int]) -> None:
@@ -107,6 +125,8 @@ class InputBatch:
         input_ids: list[int] = []
         sampled_positions: list[int] = []
         sampled_seqs: list[SeqState] = []
+        spans: list[tuple[SeqState, int, int, int]] = []
+        flat_start = 0
         for i, work in enumerate(scheduled):
             seq = self.seqs.get(work.seq_id)
             if seq is None:
@@ -127,6 +147,14 @@ class InputBatch:
             if end == len(seq.token_ids):
                 sampled_positions.append(i)
                 sampled_seqs.append(seq)
+            if seq.prompt_logprobs is not None and start != len(seq.prompt_logprobs):
+                # Positions were skipped (a prefix-cache hit): their logits do not exist. Send none
+                # rather than a list that does not line up with the prompt.
+                seq.prompt_logprobs = None
+            if seq.prompt_logprobs is not None and start < seq.prompt_len - 1:
+                # Position p predicts token p + 1: positions [start, min(end, prompt_len - 1)).
+                spans.append((seq, flat_start, start, min(end, seq.prompt_len - 1) - start))
+            flat_start += work.num_tokens
 
         seq_lens = starts + counts
         query_start_loc = np.zeros(batch + 1, dtype=np.int64)
@@ -149,6 +177,11 @@ class InputBatch:
             decode_only=bool(batch) and bool((counts == 1).all()),
         )
         logits_indices = query_start_loc[1:][sampled_positions] - 1
+        sampling = None
+        if sampled_seqs:
+            sampled_rows = rows[sampled_positions]
+            generated_index = seq_lens[sampled_positions] - np.array([s.prompt_len for s in sampled_seqs])
+            sampling = self.sampling.metadata(sampled_rows, generated_index)
         return StepInputs(
             input_ids=to_device(np.asarray(input_ids, dtype=np.int64), torch.int64),
             positions=to_device(positions, torch.int64),
@@ -156,6 +189,8 @@ class InputBatch:
             logits_indices=to_device(logits_indices, torch.int64),
             sampled_positions=sampled_positions,
             sampled_seqs=sampled_seqs,
+            sampling=sampling,
+            prompt_logprob_spans=spans,
         )
 
     def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -164,9 +199,15 @@ class InputBatch:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def record(self, scheduled: list[ScheduledSeq], inputs: StepInputs, sampled: list[int]) -> None:
-        """After the forward pass: advance computed counts, append each sampled token."""
+    def record(self, scheduled: list[ScheduledSeq], inputs: StepInputs, sampled: list[int],
+               sampled_tensor: torch.Tensor | None = None) -> None:
+        """After the forward pass: advance computed counts, append each sampled token (and count
+        it for penalties, from `sampled_tensor`, the same ids on the device)."""
         for work in scheduled:
             self.seqs[work.seq_id].num_computed_tokens = work.num_computed_tokens + work.num_tokens
         for seq, token in zip(inputs.sampled_seqs, sampled):
             seq.token_ids.append(token)
+        if inputs.sampling is not None and sampled:
+            if sampled_tensor is None:
+                sampled_tensor = torch.tensor(sampled, dtype=torch.int64, device=self.device)
+            self.sampling.count_sampled(inputs.sampling.rows, sampled_tensor)

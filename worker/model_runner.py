@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from kernels import reference
 from shared.config import ServerConfig
 from shared.logging import get_logger
 from shared.models import resolve_model
-from shared.protocol import NewSeq, SamplingParams, ScheduledSeq, StepPlan, StepResult, WorkerHello
-from worker.attention import AttentionMetadata, get_attention_backend
-from worker.input_batch import InputBatch
+from shared.protocol import MAX_LOGPROBS, NewSeq, SamplingParams, ScheduledSeq, StepPlan, StepResult, WorkerHello
+from worker.attention import get_attention_backend
+from worker.input_batch import InputBatch, StepInputs
 from worker.kv_cache import (GIB, KVCache, allocate_kv_cache, bytes_per_block, kv_cache_budget_bytes,
                              plan_num_blocks)
 from worker.loader import load_model, resolve_dtype
-from worker.sampler import RowSampling, Sampler
+from worker.logprobs import prompt_logprobs
+from worker.sampler import Sampler
+from worker.sampling_state import SamplingState
+
+# Prompt logprobs are computed this many positions at a time: a [chunk, vocab] float32 block each.
+PROMPT_LOGPROBS_CHUNK = 256
 
 log = get_logger("worker.model_runner")
 
@@ -29,11 +35,11 @@ log = get_logger("worker.model_runner")
 class ModelRunner:
     """``load()`` once, then ``execute(plan)`` per step. Not thread-safe."""
 
-    def __init__(self, config: ServerConfig, swap_space_gib: float = 0.0, attention_backend: str = "torch"):
+    def __init__(self, config: ServerConfig, attention_backend: str = "torch"):
         config.validate()
         self.config = config
         self.device = torch.device(config.device)
-        self.swap_space_gib = swap_space_gib  # host swap space; ServerConfig has no field for it yet
+        self.swap_space_gib = config.swap_space_gib  # host swap space for swapped-out KV blocks, GiB
         self.attention_backend = attention_backend
         self.model = None
         self.memory_profile: dict[str, int] = {}
@@ -75,7 +81,8 @@ class ModelRunner:
             "bytes_per_block": block_bytes,
             "host_cache_bytes": self.host_cache.nbytes() if self.host_cache else 0,
         }
-        self.batch = InputBatch(config.block_size, self.max_model_len, device, initial_rows=2 * config.max_num_seqs)
+        self.batch = InputBatch(config.block_size, self.max_model_len, device, initial_rows=2 * config.max_num_seqs,
+                                vocab_size=a.vocab_size, eos_token_ids=self.eos_token_ids)
         self.sampler = Sampler(device, config.seed)
         # worker/loop.py logs `worker.ready` after the handshake; this is the load itself.
         log.info("worker.loaded", model=self.files.name, device=str(device),
@@ -124,8 +131,15 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, cache.layers())
         rows = hidden[torch.arange(cfg.max_num_seqs, device=self.device) % hidden.shape[0]]
         logits = self.model.compute_logits(rows)
-        profile_params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50)
-        Sampler(self.device).sample(logits, [RowSampling(profile_params)] * cfg.max_num_seqs)
+        # Every sampling stage at once; the penalty state is as large as the real batch's (2 rows per seq).
+        profile_params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, min_p=0.05, seed=1,
+                                        repetition_penalty=1.1, logprobs=MAX_LOGPROBS)
+        state = SamplingState(2 * cfg.max_num_seqs, a.vocab_size, self.device)
+        for row in range(cfg.max_num_seqs):
+            state.set_row(row, profile_params, 0, [0, 0], 1)
+        meta = state.metadata(np.arange(cfg.max_num_seqs), np.zeros(cfg.max_num_seqs, dtype=np.int64))
+        Sampler(self.device).sample(logits, meta, state)
+        del state, meta
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
         del cache, hidden, rows, logits, inputs
@@ -158,22 +172,46 @@ class ModelRunner:
             reference.copy_blocks(self.kv_cache.key_caches, self.kv_cache.value_caches, pairs)
         for new in plan.new_seqs:
             self.batch.add(new)
-        sampled = [-1] * len(plan.scheduled)
+        result = StepResult(step_id=plan.step_id, sampled=[-1] * len(plan.scheduled))
         if plan.scheduled:
             inputs = self.batch.prepare(plan.scheduled)
-            tokens = self._run(inputs.input_ids, inputs.positions, inputs.meta, inputs.logits_indices,
-                               [RowSampling(s.params, s.output_index, s.num_generated) for s in inputs.sampled_seqs])
-            self.batch.record(plan.scheduled, inputs, tokens)
-            for position, token in zip(inputs.sampled_positions, tokens):
-                sampled[position] = token
-        return StepResult(step_id=plan.step_id, sampled=sampled, step_time_s=time.perf_counter() - started)
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache.layers())
+            self._collect_prompt_logprobs(hidden, inputs)
+            if inputs.sampling is None:
+                self.batch.record(plan.scheduled, inputs, [])
+            else:
+                self._sample(hidden, inputs, plan, result)
+        result.step_time_s = time.perf_counter() - started
+        return result
 
-    def _run(self, input_ids, positions, meta: AttentionMetadata, logits_indices, rows: list[RowSampling]) -> list[int]:
-        hidden = self.model(input_ids, positions, meta, self.kv_cache.layers())
-        if not rows:
-            return []
-        logits = self.model.compute_logits(hidden.index_select(0, logits_indices))
-        return self.sampler.sample(logits, rows)
+    def _sample(self, hidden: torch.Tensor, inputs: StepInputs, plan: StepPlan, result: StepResult) -> None:
+        """Sample every row that reached its end; fill `result` (tokens, logprobs, prompt logprobs)."""
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
+        out = self.sampler.sample(logits, inputs.sampling, self.batch.sampling)
+        tokens = out.token_ids.tolist()
+        self.batch.record(plan.scheduled, inputs, tokens, out.token_ids)
+        num_scheduled = len(plan.scheduled)
+        if out.logprobs is not None:
+            result.logprobs = [None] * num_scheduled
+        for i, (position, token, seq) in enumerate(zip(inputs.sampled_positions, tokens, inputs.sampled_seqs)):
+            result.sampled[position] = token
+            if out.logprobs is not None:
+                result.logprobs[position] = out.logprobs[i]
+            if seq.prompt_logprobs is not None:  # its prompt is done: send them with the first token
+                if not result.prompt_logprobs:
+                    result.prompt_logprobs = [[] for _ in range(num_scheduled)]
+                result.prompt_logprobs[position], seq.prompt_logprobs = seq.prompt_logprobs, None
+
+    def _collect_prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> None:
+        """Append this chunk's prompt logprobs to each sequence that wants them (rare: not batched)."""
+        for seq, flat_start, first_position, count in inputs.prompt_logprob_spans:
+            k = seq.params.prompt_logprobs
+            for offset in range(0, count, PROMPT_LOGPROBS_CHUNK):
+                n = min(PROMPT_LOGPROBS_CHUNK, count - offset)
+                logits = self.model.compute_logits(hidden[flat_start + offset:flat_start + offset + n])
+                position = first_position + offset + 1  # of the first predicted prompt token
+                next_ids = torch.tensor(seq.token_ids[position:position + n], dtype=torch.int64, device=self.device)
+                seq.prompt_logprobs.extend(prompt_logprobs(logits, next_ids, k))
 
     def _host(self) -> KVCache:
         if self.host_cache is None:

@@ -1,38 +1,37 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, seeds.
+"""Batched sampling: one pass over the whole batch, on the device.
 
-Sampling is an exponential race: ``argmax(probs / E)`` with ``E ~ Exp(1)`` i.i.d. per token picks
-token i with probability ``probs[i]``. That keeps the whole batch in one pass; only the noise
-differs per row. A seeded row's noise comes from a generator seeded with
-``hash(seed, output_index, generated-token index)``, so its tokens reproduce whatever else is in
-the batch, across preemption (recompute or swap) and restarts. Unseeded rows share one worker
-generator, seeded from the server config.
+Order (vLLM's): raw logits -> logprobs (of the raw distribution) -> min_tokens mask -> penalties
+-> greedy rows take the argmax here; the others: temperature -> min_p -> top-k -> top-p ->
+Gumbel-max: ``argmax(logits + G)`` with ``G = -log(E)``, ``E ~ Exp(1)``, picks token i with
+probability ``softmax(logits)[i]``. Only the noise differs per row:
+
+* a seeded row's noise is `worker.seeded_noise.gumbel_noise`, a pure function of
+  (seed, output index, generated-token index, vocabulary position), so its tokens reproduce
+  whatever the batch, across preemption (recompute or swap) and restarts;
+* unseeded rows share one worker generator, seeded from the server config.
+
+Filters follow transformers' TopK/TopP/MinP warpers: ties at the k-th logit are kept; top-p
+keeps the smallest set whose mass reaches top_p (sorted ascending, drop while the cumulative
+mass is <= 1 - top_p); min_p drops tokens below min_p times the top probability.
 """
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from dataclasses import dataclass
 
 import torch
 
-from shared.protocol import SamplingParams
+from shared.protocol import TokenLogprobs
+from worker.logprobs import sampled_logprobs
+from worker.penalties import apply_min_tokens, apply_penalties
+from worker.sampling_state import SamplingMetadata, SamplingState
+from worker.seeded_noise import gumbel_noise
 
 
-@dataclass(frozen=True)
-class RowSampling:
-    """What the sampler needs to know about one row."""
-
-    params: SamplingParams
-    output_index: int = 0  # which of the request's n outputs
-    generated_index: int = 0  # index of the token being sampled among the generated ones (0 = first)
-
-
-def seeded_row_key(seed: int, output_index: int, generated_index: int) -> int:
-    """A 63-bit generator seed that depends on these three numbers only (stable across
-    processes and Python versions, unlike `hash`)."""
-    data = struct.pack("<qqq", seed, output_index, generated_index)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # int64 [B], on the device
+    logprobs: list[TokenLogprobs | None] | None  # per row when any row asked, else None
 
 
 class Sampler:
@@ -40,56 +39,69 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed & ((1 << 63) - 1))
-        self._row_generator = torch.Generator(device=device)
 
-    def sample(self, logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
-        """logits: float32 ``[len(rows), vocab]`` -> one token id per row."""
-        if not rows:
-            return []
-        greedy = [r.params.temperature == 0.0 for r in rows]
+    def sample(self, logits: torch.Tensor, meta: SamplingMetadata, state: SamplingState) -> SamplerOutput:
+        """logits: float32 ``[meta.num_rows, vocab]``, the model's raw output (not modified)."""
+        logprobs = None
+        if (meta.num_logprobs >= 0).any():
+            logprobs = torch.log_softmax(logits, dim=-1)
+        if meta.min_tokens_stop_ids is not None:
+            logits = apply_min_tokens(logits.clone(), meta)
+        logits = apply_penalties(logits, meta, state)
         argmax = logits.argmax(dim=-1)
-        if all(greedy):
-            return argmax.tolist()
-        probs = self._filtered_probs(logits, rows)
-        noise = self._exponential_noise(probs.shape, rows, greedy)
-        sampled = (probs / noise).argmax(dim=-1)
-        greedy_mask = torch.tensor(greedy, device=logits.device)
-        return torch.where(greedy_mask, argmax, sampled).tolist()
+        if meta.all_greedy:
+            tokens = argmax
+        else:
+            # A new tensor (the division), so filter_logits may write into it.
+            scores = filter_logits(logits / meta.temperature[:, None], meta) + self._gumbel(logits.shape, meta)
+            tokens = torch.where(meta.greedy, argmax, scores.argmax(dim=-1))
+        wire = sampled_logprobs(logprobs, tokens, meta.num_logprobs) if logprobs is not None else None
+        return SamplerOutput(tokens, wire)
 
-    def _filtered_probs(self, logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
-        """Softmax of logits / temperature, restricted to each row's top-k, then top-p set."""
-        num_rows, vocab = logits.shape
-        device = logits.device
-        temperature = torch.tensor([r.params.temperature or 1.0 for r in rows], device=device)
-        scaled = logits / temperature[:, None]
-        top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
-        # A row without top-p gets an unreachable bound, so rounding in the cumsum never cuts it.
-        top_p = [r.params.top_p if r.params.top_p < 1.0 else 2.0 for r in rows]
-        if all(k == vocab for k in top_k) and all(p > 1.0 for p in top_p):
-            return torch.softmax(scaled, dim=-1)
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        rank = torch.arange(vocab, device=device)
-        sorted_logits.masked_fill_(rank[None, :] >= torch.tensor(top_k, device=device)[:, None], float("-inf"))
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        # Keep a token while the mass before it is below top_p: the smallest set reaching top_p.
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        cut = mass_before >= torch.tensor(top_p, device=device)[:, None]
-        sorted_probs.masked_fill_(cut, 0.0)
-        return torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
+    def _gumbel(self, shape: torch.Size, meta: SamplingMetadata) -> torch.Tensor:
+        # Zeros on greedy rows: their scores are never used.
+        noise = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        if meta.unseeded_rows is not None:
+            rows = meta.unseeded_rows
+            exponential = torch.empty((len(rows), shape[1]), dtype=torch.float32, device=self.device)
+            exponential.exponential_(generator=self.generator)
+            # Exp(1) can round to 0 in float32; log(0) would make that token win whatever its probability.
+            noise[rows] = exponential.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_()
+        if meta.seeded_index is not None:
+            noise[meta.seeded_index] = gumbel_noise(meta.seed_words, shape[1])
+        return noise
 
-    def _exponential_noise(self, shape: torch.Size, rows: list[RowSampling], greedy: list[bool]) -> torch.Tensor:
-        # Ones: a greedy row's noise is never drawn (its sample is replaced by the argmax).
-        noise = torch.ones(shape, dtype=torch.float32, device=self.device)
-        unseeded = [i for i, r in enumerate(rows) if r.params.seed is None and not greedy[i]]
-        if len(unseeded) == len(rows):
-            noise.exponential_(generator=self.generator)
-        elif unseeded:
-            index = torch.tensor(unseeded, device=self.device)
-            draw = torch.empty((len(unseeded), shape[1]), device=self.device).exponential_(generator=self.generator)
-            noise.index_copy_(0, index, draw)
-        for i, r in enumerate(rows):
-            if r.params.seed is not None and not greedy[i]:
-                self._row_generator.manual_seed(seeded_row_key(r.params.seed, r.output_index, r.generated_index))
-                noise[i].exponential_(generator=self._row_generator)
-        # Exp(1) can round to 0; 0/0 would be NaN, which argmax would pick.
-        return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+def filter_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """min_p, then top-k, then top-p, on temperature-scaled logits; dropped tokens get -inf.
+    Each filter runs on the rows that use it only (a sort over the vocabulary is costly)."""
+    if meta.min_p is not None:
+        rows = meta.min_p_rows
+        logits[rows] = apply_min_p(logits[rows], meta.min_p[rows])
+    if meta.top_k is not None or meta.top_p is not None:
+        rows = meta.top_k_top_p_rows
+        logits[rows] = apply_top_k_top_p(logits[rows], None if meta.top_k is None else meta.top_k[rows],
+                                         None if meta.top_p is None else meta.top_p[rows])
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below ``min_p * max probability`` (min_p ``[B]``)."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """top_k int64 ``[B]`` (vocab size: off), top_p float32 ``[B]`` (1.0: off); one sort for both."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1)  # ascending
+    if top_k is not None:
+        kth_largest = sorted_logits.gather(-1, (vocab - top_k.clamp(1, vocab))[:, None])
+        sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1.0 - top_p)[:, None]
+        drop[:, -1] = False  # the most likely token always stays
+        sorted_logits.masked_fill_(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

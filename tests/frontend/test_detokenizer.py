@@ -67,3 +67,16 @@ def test_earliest_of_several_stop_strings_wins(tok):
     out = OutputText(_decoder(tok), [1], stop=["delta", "beta"])
     out.append(ids)
     assert out.stopped and out.text.rstrip() == tok.decode(ids).split("beta")[0].rstrip()
+
+
+def test_stop_strings_are_ignored_before_min_tokens(tok):
+    ids = tok.hf.encode("stop here, then stop again", add_special_tokens=False)
+    early = OutputText(_decoder(tok), [], stop=["stop"], min_tokens=0)
+    held = OutputText(_decoder(tok), [], stop=["stop"], min_tokens=3)
+    for out in (early, held):
+        for tid in ids:
+            out.append([tid])
+            if out.stopped:
+                break
+    assert early.stopped and early.text == ""
+    assert held.stopped and held.text == "stop here, then "

@@ -11,8 +11,8 @@ from shared.models import resolve_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def hf_reference():
-    """transformers' model and tokenizer on the same GGUF weights, float32: the oracle."""
+def hf_model():
+    """transformers' tokenizer and model on the same GGUF weights, float32 (loaded once a session)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -20,6 +20,15 @@ def hf_reference():
     tok = AutoTokenizer.from_pretrained(files.directory, gguf_file=files.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(files.directory, gguf_file=files.gguf_file, dtype=torch.float32)
     model.eval()
+    return tok, model
+
+
+@pytest.fixture(scope="session")
+def hf_reference(hf_model):
+    """transformers' model and tokenizer on the same GGUF weights, float32: the oracle."""
+    import torch
+
+    tok, model = hf_model
 
     def greedy(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         with torch.inference_mode():

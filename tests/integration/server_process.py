@@ -26,7 +26,9 @@ def free_port() -> int:
 class ServerProcess:
     """A running server; `events` collects every JSON event it logged on stdout."""
 
-    def __init__(self, run_dir: str, *extra: str, separate_roles: bool = False, ready_timeout_s: float = 300.0):
+    def __init__(self, run_dir: str, *extra: str, separate_roles: bool = False, ready_timeout_s: float = 300.0,
+                 role_env: dict[str, dict[str, str]] | None = None):
+        """`role_env`: extra environment variables per role name (e.g. a NOTIFY_SOCKET each)."""
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.run_dir = run_dir
         flags = ["--model", "default", "--device", "cpu", "--dtype", "float32", "--listen", self.address,
@@ -35,7 +37,9 @@ class ServerProcess:
         self.events: list[dict] = []
         self.non_json_lines: list[str] = []
         self._ready = threading.Event()
+        self.roles = roles
         self.procs = [subprocess.Popen([sys.executable, "-m", "shared.cli", role, *flags], stdout=subprocess.PIPE,
+                                       env={**os.environ, **(role_env or {}).get(role, {})},
                                        stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
                                        start_new_session=True) for role in roles]
         self._readers = [threading.Thread(target=self._read, args=(p,), daemon=True) for p in self.procs]

@@ -50,27 +50,40 @@ class WorkerSeq:
     block_ids: list[int]
     output_index: int
     seed: int
-    num_computed: int = 0
+    num_computed: int | None = None  # None: registered this step, trusts the plan
 
 
 class FakeWorker:
+    """Simulates the device KV cache (block -> token per slot) and the host
+    swap space, applying swaps and copies in the real worker's order."""
+
     def __init__(self, block_size: int, sample=toy_sample):
         self.block_size = block_size
         self.sample = sample
         self.kv: dict[int, list[int | None]] = defaultdict(lambda: [None] * block_size)
+        self.host: dict[int, list[int | None]] = {}
         self.seqs: dict[int, WorkerSeq] = {}
 
     def apply(self, plan: StepPlan) -> None:
-        """Drop, register, append blocks, and check the diffs make sense."""
+        """Drop, swap out, swap in, copy, register, append blocks; check the diffs make sense."""
         for seq_id in plan.finished_seq_ids:
             assert seq_id in self.seqs, f"drop of unknown sequence {seq_id}"
             del self.seqs[seq_id]
+        for pairs in (plan.swap_out, plan.swap_in, plan.copy):
+            assert len({dst for _, dst in pairs}) == len(pairs), "two copies into one block"
+        for device, host in plan.swap_out:
+            self.host[host] = list(self.kv[device])
+        for host, device in plan.swap_in:
+            self.kv[device] = list(self.host[host])
+        sources = {src: list(self.kv[src]) for src, _ in plan.copy}  # all read before any is written
+        for src, dst in plan.copy:
+            self.kv[dst] = list(sources[src])
         scheduled_ids = [w.seq_id for w in plan.scheduled]
         assert len(set(scheduled_ids)) == len(scheduled_ids), "a sequence scheduled twice in one step"
         new_ids = set()
         for new in plan.new_seqs:
-            assert new.seq_id not in self.seqs, f"NewSeq {new.seq_id} is already registered"
             assert new.prompt_len <= len(new.token_ids)
+            # A known id is replaced, as the real worker's InputBatch.add does.
             self.seqs[new.seq_id] = WorkerSeq(list(new.token_ids), list(new.block_ids), new.output_index,
                                               new.params.seed or 0)
             new_ids.add(new.seq_id)
@@ -78,22 +91,27 @@ class FakeWorker:
         for work in plan.scheduled:
             seq = self.seqs[work.seq_id]
             if work.seq_id in new_ids:
-                assert work.num_computed_tokens == 0 and not work.new_block_ids
+                assert not work.new_block_ids
+            else:
+                assert work.num_computed_tokens == seq.num_computed, "scheduler and worker disagree on progress"
             seq.block_ids.extend(work.new_block_ids)
-            assert work.num_computed_tokens == seq.num_computed, "scheduler and worker disagree on progress"
             end = work.num_computed_tokens + work.num_tokens
             assert work.num_tokens >= 1 and end <= len(seq.token_ids)
             assert len(seq.block_ids) == -(-end // self.block_size), "block table does not cover the chunk"
-        held = [b for seq in self.seqs.values() for b in seq.block_ids]
-        assert len(held) == len(set(held)), "two live sequences share a block"
 
     def run(self, plan: StepPlan) -> StepResult:
         """Write every chunk's KV, then sample each sequence whose chunk ended."""
         bs = self.block_size
+        holders = defaultdict(int)
+        for seq in self.seqs.values():
+            for b in seq.block_ids:
+                holders[b] += 1
         for work in plan.scheduled:
             seq = self.seqs[work.seq_id]
             for pos in range(work.num_computed_tokens, work.num_computed_tokens + work.num_tokens):
-                self.kv[seq.block_ids[pos // bs]][pos % bs] = seq.token_ids[pos]
+                block = seq.block_ids[pos // bs]
+                assert holders[block] == 1, f"sequence {work.seq_id} writes into block {block}, which is shared"
+                self.kv[block][pos % bs] = seq.token_ids[pos]
         sampled = []
         for work in plan.scheduled:
             seq = self.seqs[work.seq_id]
@@ -110,10 +128,14 @@ class FakeWorker:
 
 
 def make_scheduler(*, num_blocks=1000, block_size=4, max_model_len=256, max_num_seqs=128,
-                   max_num_batched_tokens=None, vocab_size=VOCAB, eos=(EOS,)) -> Scheduler:
-    config = ServerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+                   max_num_batched_tokens=None, vocab_size=VOCAB, eos=(EOS,), num_host_blocks=0,
+                   enable_chunked_prefill=True, enable_prefix_caching=True,
+                   preemption_mode="recompute") -> Scheduler:
+    config = ServerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          enable_chunked_prefill=enable_chunked_prefill, enable_prefix_caching=enable_prefix_caching,
+                          preemption_mode=preemption_mode)
     return Scheduler(config, num_device_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
-                     vocab_size=vocab_size, eos_token_ids=list(eos))
+                     vocab_size=vocab_size, eos_token_ids=list(eos), num_host_blocks=num_host_blocks)
 
 
 def add(rid: str, prompt, *, priority=0, arrival=0.0, **params) -> AddRequest:
@@ -148,7 +170,7 @@ class Harness:
         assert plan.scheduled, "a step with work queued scheduled nothing"
         self.plans.append(plan)
         self.worker.apply(plan)
-        assert self.worker.seqs.keys() == {s.seq_id for s in sched.policy.running}
+        assert self.worker.seqs.keys() == {s.seq_id for s in sched.policy.running if s.on_worker}
         for work in plan.scheduled:
             seq, mirror = sched.get_sequence(work.seq_id), self.worker.seqs[work.seq_id]
             assert seq.block_table == mirror.block_ids and seq.token_ids == mirror.token_ids

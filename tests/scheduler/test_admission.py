@@ -60,11 +60,19 @@ def test_over_the_whole_kv_cache_is_too_long():
     assert sched.add_request(add("exact", [1] * 10, max_tokens=10), b"fe") is None
 
 
-def test_over_the_token_budget_is_too_long():
-    sched = make_scheduler(max_model_len=64, max_num_batched_tokens=16)
+def test_over_the_token_budget_is_too_long_without_chunked_prefill():
+    sched = make_scheduler(max_model_len=64, max_num_batched_tokens=16, enable_chunked_prefill=False)
     code, message = reject(sched, add("big", [1] * 10, max_tokens=8))  # a recompute could prefill 17
     assert code == "too_long" and "max_num_batched_tokens=16" in message
     assert sched.add_request(add("ok", [1] * 10, max_tokens=7), b"fe") is None
+
+
+def test_chunked_prefill_admits_prompts_over_the_token_budget():
+    h = Harness(make_scheduler(max_model_len=64, max_num_batched_tokens=16))
+    h.add(add("big", [1] * 40, max_tokens=8, ignore_eos=True))
+    h.run()
+    assert [sum(w.num_tokens for w in p.scheduled) for p in h.plans[:3]] == [16, 16, 8]
+    assert len(h.outputs[("big", 0)]) == 8
 
 
 def test_duplicate_in_flight_id_is_invalid_but_reusable_after_finishing():

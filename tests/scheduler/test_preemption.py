@@ -112,7 +112,7 @@ def test_priority_then_arrival_order_decides_who_runs_first():
 
 
 def test_token_budget_limits_prefills_per_step():
-    h = Harness(make_scheduler(max_model_len=16, max_num_batched_tokens=16))
+    h = Harness(make_scheduler(max_model_len=16, max_num_batched_tokens=16, enable_chunked_prefill=False))
     for i in range(3):
         h.add(add(f"p{i}", [1] * 6, max_tokens=4, ignore_eos=True))
     assert [len(h.step().new_seqs) for _ in range(2)] == [2, 1]  # 6 + 6 fit, a third 6 does not
@@ -148,15 +148,23 @@ def test_requests_that_each_fill_the_whole_cache_all_complete(num_blocks, block_
 @st.composite
 def tight_workloads(draw):
     """Up to 10 requests arriving over 20 steps into a cache barely larger
-    than the biggest one; a few get aborted, a few are too long."""
+    than the biggest one; a few get aborted, a few are too long. Prompts share
+    prefixes, so prefix caching gets hits; every memory-manager switch varies."""
     block_size = draw(st.sampled_from([1, 2, 4, 8]))
     max_model_len = draw(st.integers(4, 48))
     budget = draw(st.one_of(st.none(), st.integers(max_model_len // 2, 2 * max_model_len)))
+    switches = dict(enable_chunked_prefill=draw(st.booleans()), enable_prefix_caching=draw(st.booleans()),
+                    preemption_mode=draw(st.sampled_from(["recompute", "swap"])),
+                    num_host_blocks=draw(st.integers(0, 12)))
+    if switches["enable_chunked_prefill"]:
+        budget = draw(st.one_of(st.none(), st.integers(1, 2 * max_model_len)))
+    shared = [(j * 5) % 64 for j in range(max_model_len)]
     reqs = []
     for i in range(draw(st.integers(1, 10))):
         prompt_len = draw(st.integers(1, max_model_len // 2 + 1))
+        common = draw(st.integers(0, prompt_len))
         reqs.append(dict(
-            rid=f"r{i}", prompt=[(i * 13 + j * 7) % 64 for j in range(prompt_len)],
+            rid=f"r{i}", prompt=shared[:common] + [(i * 13 + j * 7) % 64 for j in range(prompt_len - common)],
             max_tokens=draw(st.one_of(st.none(), st.integers(1, max_model_len // 2 + 1))),
             n=draw(st.integers(1, 3)), priority=draw(st.integers(0, 2)), seed=draw(st.integers(0, 5)),
             ignore_eos=draw(st.booleans()), arrival=draw(st.integers(0, 20)),
@@ -166,24 +174,25 @@ def tight_workloads(draw):
     most_blocks = -(-max(sizes) // block_size)
     num_blocks = draw(st.integers(max(1, most_blocks - 1), most_blocks + 3))
     max_num_seqs = draw(st.integers(1, 8))
-    return block_size, max_model_len, budget, num_blocks, max_num_seqs, reqs
+    return block_size, max_model_len, budget, num_blocks, max_num_seqs, switches, reqs
 
 
-def fits(r, *, block_size, max_model_len, num_blocks, budget) -> bool:
+def fits(r, *, block_size, max_model_len, num_blocks, budget, chunked) -> bool:
     """Admission's rule, restated: the whole sequence fits max_model_len, the
-    cache, and (as a recompute prefill) the token budget."""
+    cache, and (as a recompute prefill, unless chunked) the token budget."""
     prompt_len = len(r["prompt"])
     total = prompt_len + (r["max_tokens"] or max_model_len - prompt_len)
     return (prompt_len < max_model_len and total <= max_model_len and -(-total // block_size) <= num_blocks
-            and total - 1 <= (budget or max(max_model_len, 2048)))
+            and (chunked or total - 1 <= (budget or max(max_model_len, 2048))))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(tight_workloads())
 def test_every_admitted_request_completes_under_tight_caches(case):
-    block_size, max_model_len, budget, num_blocks, max_num_seqs, reqs = case
+    block_size, max_model_len, budget, num_blocks, max_num_seqs, switches, reqs = case
     sched = make_scheduler(num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
-                           max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+                           max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, **switches)
+    token_budget = budget or max(max_model_len, 2048)
     h = Harness(sched)
     admitted, aborts = [], {}  # aborts: step -> request ids
     step = 0
@@ -194,7 +203,7 @@ def test_every_admitted_request_completes_under_tight_caches(case):
                           max_tokens=r["max_tokens"], seed=r["seed"], ignore_eos=r["ignore_eos"])
                 rejected = sched.add_request(msg, b"fe")
                 admissible = fits(r, block_size=block_size, max_model_len=max_model_len, num_blocks=num_blocks,
-                                  budget=budget)
+                                  budget=budget, chunked=switches["enable_chunked_prefill"])
                 assert (rejected is None) == admissible, (r, rejected)
                 if admissible:
                     admitted.append(msg)
@@ -203,10 +212,15 @@ def test_every_admitted_request_completes_under_tight_caches(case):
         h.record(sched.abort(aborts.pop(step, [])))
         sched.check_invariants()
         if sched.has_work():
-            h.step()
+            plan = h.step()
+            assert sum(w.num_tokens for w in plan.scheduled) <= token_budget
+            assert len(plan.scheduled) <= max(max_num_seqs, 3)  # one request's n outputs may exceed it alone
         step += 1
         assert step < 5000, "no progress"
-    assert sched.stats()["kv_blocks_used"] == 0 and sched.stats()["requests_in_flight"] == 0
+    stats = sched.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["requests_in_flight"] == 0 and stats["host_blocks_used"] == 0
+    if switches["preemption_mode"] == "recompute" or not switches["num_host_blocks"]:
+        assert stats["preemptions_swap"] == 0
     for key, (tokens, reason) in expected(admitted, max_model_len).items():
         got = h.finished[key]
         if got.finish_reason == "abort":

@@ -92,17 +92,51 @@ def test_max_tokens_and_max_model_len_give_length():
     assert h.outputs[("full", 0)] == [1] * 7 and h.finished[("full", 0)].finish_reason == "length"
 
 
-def test_n_outputs_are_independent_sequences():
+def test_n_outputs_share_one_prompt_prefill_then_diverge():
     h = Harness(make_scheduler(num_blocks=30, block_size=2))
     msg = add("n", [3, 1, 4, 1, 5], n=3, max_tokens=12, seed=11)
     h.add(msg)
-    first = h.step()
-    assert sorted(n.output_index for n in first.new_seqs) == [0, 1, 2]
-    tables = [set(n.block_ids) for n in first.new_seqs]
-    assert not (tables[0] & tables[1] or tables[1] & tables[2] or tables[0] & tables[2])
+    first = h.step()  # output 0 alone prefills the prompt but its last token
+    assert [(n.output_index, len(n.token_ids)) for n in first.new_seqs] == [(0, 5)]
+    assert [(w.num_tokens, w.num_computed_tokens) for w in first.scheduled] == [(4, 0)]
+    second = h.step()  # the forks join, sharing both full blocks; each computes token 4 itself
+    assert sorted(n.output_index for n in second.new_seqs) == [1, 2]
+    assert all(n.block_ids[:2] == first.new_seqs[0].block_ids for n in second.new_seqs)
+    assert [(w.num_tokens, w.num_computed_tokens) for w in second.scheduled] == [(1, 4)] * 3
+    assert second.copy == []  # 4 tokens fill 2 blocks exactly: nothing partial to copy
     h.run()
     expect(h, msg)
     assert len({tuple(h.outputs[("n", i)]) for i in range(3)}) == 3
+
+
+def test_forks_copy_a_shared_partial_block_before_writing_it():
+    h = Harness(make_scheduler(num_blocks=30, block_size=4))
+    msg = add("n", [3, 1, 4, 1, 5, 9, 2], n=3, max_tokens=6, seed=5, ignore_eos=True)
+    h.add(msg)
+    h.step()  # 6 tokens: one full block and a partial one, then the fork
+    plan = h.step()
+    # The parent (on the worker) and the first fork copy the shared partial block; the last holder writes in place.
+    assert len(plan.copy) == 2 and len({src for src, _ in plan.copy}) == 1
+    assert {n.seq_id for n in plan.new_seqs} == {0, 1, 2}  # the parent is re-sent whole with its new last block
+    h.run()
+    expect(h, msg)
+    assert h.scheduler.stats()["blocks_copied"] == 2
+
+
+def test_n_outputs_use_fewer_blocks_than_separate_requests():
+    def allocated(msgs):
+        h = Harness(make_scheduler(block_size=4, enable_prefix_caching=False))
+        for m in msgs:
+            h.add(m)
+        h.run()
+        return h.scheduler.stats()["kv_blocks_allocated"]
+
+    prompt = list(range(1, 31))
+    shared = allocated([add("n", prompt, n=4, max_tokens=6, seed=1, ignore_eos=True)])
+    separate = allocated([add(f"s{i}", prompt, max_tokens=6, seed=1, ignore_eos=True) for i in range(4)])
+    # 35 tokens get KV (the last sampled one never does): 9 blocks each, apart. Together: the parent's
+    # 8 blocks for 29 prompt tokens, 3 copies of the shared partial block, and each output's 9th block.
+    assert separate == 4 * 9 and shared == 8 + 3 + 4
 
 
 def test_abort_frees_blocks_at_once_and_drops_what_the_worker_holds():
@@ -210,7 +244,8 @@ def test_stats_count_steps_tokens_and_finished_requests():
     h.add(add("a", [1, 2], max_tokens=4, ignore_eos=True, n=2))
     h.run()
     stats = h.scheduler.stats()
-    assert stats["steps"] == 4 and stats["tokens_generated"] == 8 and stats["requests_finished"] == 1
+    # n=2 with a 2-token prompt: one step prefills token 0, then both outputs take 4 steps.
+    assert stats["steps"] == 5 and stats["tokens_generated"] == 8 and stats["requests_finished"] == 1
     assert stats["kv_blocks_total"] == 1000 and stats["kv_blocks_used"] == 0
     assert stats["running"] == stats["waiting"] == stats["preemptions"] == 0
 

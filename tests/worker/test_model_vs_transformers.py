@@ -140,7 +140,7 @@ def hf_default(default_files):
 
 @pytest.fixture(scope="module")
 def runner(default_files):
-    r = ModelRunner(ServerConfig(model="default", num_kv_blocks=160, max_num_seqs=8), swap_space_gib=0.01)
+    r = ModelRunner(ServerConfig(model="default", num_kv_blocks=160, max_num_seqs=8, swap_space_gib=0.01))
     r.load()
     return r
 

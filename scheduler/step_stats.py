@@ -1,0 +1,57 @@
+"""Throughput and step-time figures the scheduler loop adds to `Scheduler.stats()`.
+
+Counted from the plans and results the loop moves, so the `Scheduler` need not
+know about time:
+
+* prompt tokens: tokens a step computes out of what a sequence already had when
+  it was (re)sent to the worker, i.e. prefill, and recompute after a preemption.
+  Prefix-cache hits are not computed, so they are not counted here.
+* generation tokens: the scheduler's own `tokens_generated` counter.
+* rates are tokens per second over the last stats interval (`sample`).
+* step times are the workers' own timings (`StepResult.step_time_s`) of the
+  last `window` steps.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from shared.protocol import StepPlan, StepResult
+
+
+class StepStats:
+    def __init__(self, window: int = 1000):
+        self.step_times: collections.deque[float] = collections.deque(maxlen=window)
+        self.prompt_tokens = 0  # computed prefill tokens since start
+        self._known_len: dict[int, int] = {}  # seq id -> tokens it had when last sent as a NewSeq
+        self._last: tuple[float, int, int] | None = None  # (monotonic s, prompt_tokens, tokens_generated)
+        self.rates: dict[str, float] = {"prompt_tokens_per_s": 0.0, "generation_tokens_per_s": 0.0}
+
+    def on_plan(self, plan: StepPlan) -> None:
+        """Call once per plan sent. Order as the worker applies it: drops, then new seqs."""
+        for seq_id in plan.finished_seq_ids:
+            self._known_len.pop(seq_id, None)
+        for seq in plan.new_seqs:
+            self._known_len[seq.seq_id] = len(seq.token_ids)
+        for work in plan.scheduled:
+            known = self._known_len.get(work.seq_id, 0)
+            end = min(work.num_computed_tokens + work.num_tokens, known)
+            self.prompt_tokens += max(0, end - work.num_computed_tokens)
+
+    def on_result(self, result: StepResult) -> None:
+        self.step_times.append(result.step_time_s)
+
+    def sample(self, now: float, tokens_generated: int) -> None:
+        """Recompute `rates` over the time since the previous call (`now`: monotonic seconds)."""
+        if self._last is not None and now > self._last[0]:
+            then, prompt, generated = self._last
+            self.rates = {"prompt_tokens_per_s": round((self.prompt_tokens - prompt) / (now - then), 3),
+                          "generation_tokens_per_s": round((tokens_generated - generated) / (now - then), 3)}
+        self._last = (now, self.prompt_tokens, tokens_generated)
+
+    def figures(self) -> dict[str, float | int]:
+        out: dict[str, float | int] = {"prompt_tokens": self.prompt_tokens, **self.rates}
+        times = sorted(self.step_times) or [0.0]  # 0 before the first step
+        out["step_time_p50_s"] = times[len(times) // 2]
+        out["step_time_p99_s"] = times[min(len(times) - 1, int(len(times) * 0.99))]
+        return out

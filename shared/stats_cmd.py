@@ -1,0 +1,55 @@
+"""`pagedserve stats --server ADDR`: a running server's health and counters, readably.
+
+    status         ok
+    model          SmolLM2-135M-Instruct
+    ...
+    running        3
+    kv_blocks      120 / 4096 used (2.9%)
+
+Keys are those of `Client.health()` and `Client.stats()` (see docs/events.md,
+`scheduler.stats`); `--json` prints both as one JSON object instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from shared.client import Client, RequestError
+
+
+def format_table(health: dict[str, Any], stats: dict[str, Any]) -> str:
+    """Two columns, health first, then the counters in the server's order."""
+    rows: list[tuple[str, str]] = [(k, _fmt(v)) for k, v in health.items() if k != "request_id"]
+    stats = dict(stats)
+    used, total = stats.pop("kv_blocks_used", None), stats.pop("kv_blocks_total", None)
+    if used is not None and total:
+        rows.append(("kv_blocks", f"{used} / {total} used ({100.0 * used / total:.1f}%)"))
+    rows += [(k, _fmt(v)) for k, v in stats.items()]
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def run_stats(args) -> int:
+    with Client(args.server) as client:
+        try:
+            health = client.health(timeout=args.timeout)
+            stats = client.stats(timeout=args.timeout)
+        except RequestError as e:
+            print(f"pagedserve stats: {e}", file=sys.stderr)
+            return 1
+    health.pop("request_id", None)
+    if args.json:
+        print(json.dumps({"health": health, "stats": stats}))
+    else:
+        print(format_table(health, stats))
+    return 0
