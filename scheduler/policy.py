@@ -182,7 +182,11 @@ class BatchPolicy:
             room, busy = self._has_room_for(1 + len(seq.children), batch)
             limit = seq.compute_limit
             # At least one token is computed, so the step ends with logits to sample.
-            hit = bm.find_cached_prefix(seq.token_ids, (limit - 1) // bm.block_size)
+            # Prompt logprobs need every prompt position computed once: no cache hit for them.
+            wants_prompt_logprobs = (seq.request.params.prompt_logprobs is not None and seq.output_index == 0
+                                     and seq.num_output_tokens == 0)
+            max_hit_blocks = 0 if wants_prompt_logprobs else (limit - 1) // bm.block_size
+            hit = bm.find_cached_prefix(seq.token_ids, max_hit_blocks)
             num_cached = hit.num_tokens(bm.block_size)
             num_tokens = self._chunk(limit - num_cached, token_budget)
             # FCFS: stop at the first that does not fit rather than let later ones overtake it.
