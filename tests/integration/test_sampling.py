@@ -51,20 +51,27 @@ def test_greedy_with_repetition_penalty_and_min_tokens_equals_transformers(serve
 def test_logprobs_equal_transformers_log_softmax(server, hf_model):
     _, model = hf_model
     params = SamplingParams(max_tokens=8, temperature=0.8, seed=5, logprobs=5, prompt_logprobs=3)
+    prompt = "Logprobs check: the quick brown fox jumps over the lazy dog, then it jumps over the fence again"
     with Client(server.address) as c:
-        # A prompt no other test sends: a prefix-cache hit would skip the prompt positions.
-        out = c.generate("Logprobs check: the quick brown fox jumps over", params)
-        streamed = [lp for d in c.stream("Logprobs check: the quick brown fox jumps over", params)
-                    for lp in d.logprobs]
+        # Cache the prompt's full blocks first: a request that asks for prompt logprobs must
+        # still compute every prompt position rather than take the prefix-cache hit.
+        c.generate(prompt, SamplingParams(max_tokens=1))
+        hits_before = c.stats()["prefix_cache_hit_tokens"]
+        out = c.generate(prompt, params)
+        streamed = [lp for d in c.stream(prompt, params) for lp in d.logprobs]
+        assert c.stats()["prefix_cache_hit_tokens"] == hits_before
+        c.generate(prompt, SamplingParams(max_tokens=1))  # without prompt logprobs the cache does hit
+        assert c.stats()["prefix_cache_hit_tokens"] > hits_before
     ids = out.prompt_token_ids + out.token_ids
     with torch.inference_mode():
         reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     prompt_len = len(out.prompt_token_ids)
-    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == prompt_len
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == prompt_len > 16
+    assert all(item is not None for item in out.prompt_logprobs[1:])
     generated = out.outputs[0].logprobs
     assert len(generated) == len(out.token_ids) and streamed == generated  # seeded: the same again
     positions = [(prompt_len + i, item, 5) for i, item in enumerate(generated)]
-    positions += [(i, item, 3) for i, item in enumerate(out.prompt_logprobs) if item is not None]
+    positions += [(i, item, 3) for i, item in enumerate(out.prompt_logprobs) if i > 0]
     for position, item, k in positions:
         row = reference[position - 1]  # logits at p - 1 predict token p
         assert item.token_id == ids[position]
