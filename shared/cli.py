@@ -4,6 +4,7 @@
     pagedserve scheduler  | worker | frontend   one role (same flags as serve)
     pagedserve generate --server ADDR "prompt"  stream an answer through the SDK
     pagedserve stats --server ADDR             health and live counters, as a table
+    pagedserve bench throughput|serve          benchmarks against peers (bench/cli.py)
 
 Settings come from `--config FILE` (TOML, keys = ServerConfig field names), then
 the flags on top. A bad file, key or value stops start-up with a message naming
@@ -49,8 +50,13 @@ HELP = {
     "enable_prefix_caching": "true or false: reuse KV blocks of identical prompt prefixes (default true)",
     "preemption_mode": "recompute or swap: what a preempted sequence's KV becomes (swap needs --swap-space)",
     "swap_space_gib": "host memory per worker for swapped-out KV blocks, in GiB (default 0)",
-    "tensor_parallel_size": "number of worker ranks",
-    "rank": "this worker's rank (worker role)",
+    "tensor_parallel_size": "number of worker ranks the model is split across (serve starts this many workers); "
+                            "must divide the model's attention heads",
+    "rank": "this worker's rank on its host (worker role; systemd: the worker@ instance)",
+    "rank_offset": "added to --rank: the first rank on this host when ranks span hosts (default 0)",
+    "dist_init_addr": "tcp://HOST:PORT of rank 0's torch.distributed rendezvous (default tcp://127.0.0.1:29500; "
+                      "serve picks a free port)",
+    "dist_timeout_s": "seconds the rendezvous, or any collective, may wait for a rank before the group fails",
     "stats_interval_s": "seconds between scheduler.stats events",
     "log_level": "debug, info, warning or error",
     "drain_timeout_s": "on SIGTERM, seconds in-flight requests get to finish before they are aborted",
@@ -102,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: bench/cli.py (part of the package, torch only inside)
+        from bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         from shared.generate_cmd import run_generate

@@ -21,6 +21,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str = "default"  # "default", a Hugging Face directory, or a .gguf file
     dtype: Dtype = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU), "torch" or "triton"
     max_model_len: int | None = None  # tokens; None: the model's own limit
     seed: int = 0  # default seed for requests without one (per-request randomness still differs)
 
@@ -46,9 +47,12 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     preemption_mode: Literal["recompute", "swap"] = "recompute"  # swap falls back to recompute without host room
     swap_space_gib: float = 0.0  # host memory per worker for swapped-out KV blocks, GiB
 
-    # topology
-    tensor_parallel_size: int = 1
-    rank: int = 0  # worker role only
+    # topology (docs/tensor_parallel.md)
+    tensor_parallel_size: int = 1  # worker ranks; the model is split this many ways
+    rank: int = 0  # worker role only: its rank on this host (systemd: the worker@ instance, its GPU)
+    rank_offset: int = 0  # worker role only: added to `rank`; the first rank on this host when ranks span hosts
+    dist_init_addr: str = ""  # rank 0's torch.distributed rendezvous, tcp://HOST:PORT; "" -> tcp://127.0.0.1:29500
+    dist_timeout_s: float = 600.0  # the rendezvous, and any collective: a rank stuck longer fails the group
 
     # operations
     stats_interval_s: float = 10.0
@@ -64,6 +68,11 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def worker_addr(self) -> str:
         return self.scheduler_worker_addr or f"ipc://{self.resolved_run_dir()}/scheduler-worker.sock"
 
+    @property
+    def worker_rank(self) -> int:
+        """This worker's rank in the tensor-parallel group."""
+        return self.rank + self.rank_offset
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -76,8 +85,16 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if not 0 <= self.rank < self.tensor_parallel_size:
-            raise ValueError(f"rank must be in [0, {self.tensor_parallel_size}), got {self.rank}")
+        if self.rank < 0 or self.rank_offset < 0:
+            raise ValueError(f"rank and rank_offset must be >= 0, got {self.rank} and {self.rank_offset}")
+        if not 0 <= self.worker_rank < self.tensor_parallel_size:
+            offset = f" + rank_offset {self.rank_offset}" if self.rank_offset else ""
+            raise ValueError(f"rank {self.rank}{offset} must be in [0, {self.tensor_parallel_size}) "
+                             f"(tensor_parallel_size {self.tensor_parallel_size})")
+        if self.dist_init_addr and not self.dist_init_addr.startswith("tcp://"):
+            raise ValueError(f"dist_init_addr must be tcp://HOST:PORT, got {self.dist_init_addr!r}")
+        if not self.dist_timeout_s > 0:
+            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if not self.swap_space_gib >= 0.0:
@@ -86,6 +103,8 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.stats_interval_s <= 0:

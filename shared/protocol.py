@@ -451,6 +451,10 @@ class StepResult(_Internal, tag="result"):
     # Aligned with `sampled` when any row carries prompt logprobs, else empty. A sequence's prompt
     # logprobs (prompt tokens 1..prompt_len-1) come whole with its first sampled token.
     prompt_logprobs: list[list[TokenLogprobs]] = field(default_factory=list)
+    # Seconds of the step's worker phases: "prepare" (plan changes, input tensors), "forward" (the
+    # model's layers), "sample" (LM head, sampling, bookkeeping). Wall-clock on the host: on CUDA, launches are
+    # asynchronous, so device time lands where the host first waits (sampling).
+    phase_times_s: dict[str, float] = field(default_factory=dict)
 
 
 class WorkerError(_Internal, tag="w_error"):

@@ -26,6 +26,7 @@ def format_table(health: dict[str, Any], stats: dict[str, Any]) -> str:
     used, total = stats.pop("kv_blocks_used", None), stats.pop("kv_blocks_total", None)
     if used is not None and total:
         rows.append(("kv_blocks", f"{used} / {total} used ({100.0 * used / total:.1f}%)"))
+    stats.pop("decode_phases", None)  # per-batch-size totals: for benchmarks (--json shows them)
     rows += [(k, _fmt(v)) for k, v in stats.items()]
     width = max((len(k) for k, _ in rows), default=0)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -1,6 +1,9 @@
 """`pagedserve serve`: every role as a child process of one supervisor.
 
 For a laptop, CI and demos. Under systemd each role is its own unit instead.
+With --tensor-parallel-size N it starts N workers, ranks 0 .. N-1, on this host: their
+rendezvous is a free loopback port unless --dist-init-addr is given, and with --device cuda
+rank r drives the r-th visible GPU (cuda:r).
 Children inherit stdout, so all JSON events arrive on one stream. A child that
 dies takes the whole server down with a non-zero exit (recovering a role in
 place belongs to the fault-tolerance work).
@@ -26,6 +29,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -61,6 +65,22 @@ def _strip_flag(argv: list[str], flag: str) -> list[str]:
     return out
 
 
+def _free_port() -> int:
+    """A TCP port free on loopback now, for the workers' rendezvous (rank 0 binds it soon after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_flags(base: list[str], config: ServerConfig, rank: int) -> list[str]:
+    """Rank r of a CUDA group drives the r-th visible GPU (`--device cuda:r`). Every GPU stays
+    visible to every rank, so NCCL can use peer-to-peer copies between them."""
+    flags = base + ["--rank", str(rank)]
+    if config.tensor_parallel_size > 1 and config.device == "cuda":
+        flags = _strip_flag(flags, "--device") + ["--device", f"cuda:{rank}"]
+    return flags
+
+
 class _Signals:
     """Counts SIGTERM/SIGINT; the waits below poll it."""
 
@@ -79,17 +99,22 @@ def run_supervisor(config: ServerConfig, argv: list[str], role_command: list[str
     own_run_dir = not config.run_dir
     run_dir = tempfile.mkdtemp(prefix="pagedserve-") if own_run_dir else config.run_dir
     os.makedirs(run_dir, mode=0o750, exist_ok=True)
-    base = _strip_flag(_strip_flag(argv, "--run-dir"), "--rank") + ["--run-dir", run_dir]
-    specs = [("scheduler", role_command + ["scheduler"] + base)]
-    specs += [(f"worker{r}", role_command + ["worker"] + base + ["--rank", str(r)])
+    base = argv
+    for flag in ("--run-dir", "--rank", "--rank-offset"):  # one host: ranks 0 .. N-1
+        base = _strip_flag(base, flag)
+    base += ["--run-dir", run_dir]
+    if config.tensor_parallel_size > 1 and not config.dist_init_addr:
+        base += ["--dist-init-addr", f"tcp://127.0.0.1:{_free_port()}"]
+    env = child_environment()  # only a process systemd started may speak to systemd
+    specs = [("scheduler", role_command + ["scheduler"] + base, env)]
+    specs += [(f"worker{r}", role_command + ["worker"] + _worker_flags(base, config, r), env)
               for r in range(config.tensor_parallel_size)]
-    specs += [("frontend", role_command + ["frontend"] + base)]
+    specs += [("frontend", role_command + ["frontend"] + base, env)]
 
     signals = _Signals()
-    env = child_environment()  # only a process systemd started may speak to systemd
-    children = {name: subprocess.Popen(argv_, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL, env=env,
+    children = {name: subprocess.Popen(argv_, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL, env=env_,
                                        process_group=0)
-                for name, argv_ in specs}
+                for name, argv_, env_ in specs}
     log.info("supervisor.started", run_dir=run_dir, listen=config.listen,
              children={name: c.pid for name, c in children.items()})
     code = 0

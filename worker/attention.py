@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import reference
+from kernels import reference, sdpa_paged
 
 
 @dataclass
@@ -40,45 +40,75 @@ class AttentionBackend:
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """kernels/reference.py: runs anywhere, the oracle for every other backend."""
+    """torch's fused SDPA over the paged cache (kernels/sdpa_paged.py, tested against
+    kernels/reference.py): runs anywhere.
+
+    `write_kv` keeps the step's own K/V rows until `attend`, so a prefill with no cached prefix
+    attends to them directly rather than gathering them back from the cache.
+    """
 
     name = "torch"
 
+    def __init__(self):
+        self._step_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def write_kv(self, key, value, key_cache, value_cache, meta: AttentionMetadata) -> None:
         reference.reshape_and_cache(key, value, key_cache, value_cache, meta.slot_mapping)
+        self._step_kv = (key, value)
 
     def attend(self, query, key_cache, value_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """query ``[num_tokens, num_q_heads, head_dim]`` -> output of the same shape and dtype."""
+        (key, value), self._step_kv = self._step_kv or (None, None), None
         out = torch.empty_like(query)
         if meta.decode_only:
-            reference.paged_decode_attention(out, query, key_cache, value_cache, meta.block_tables,
-                                             meta.seq_lens, scale)
+            sdpa_paged.paged_decode_attention(out, query, key_cache, value_cache, meta.block_tables,
+                                              meta.seq_lens, scale)
             return out
         # A mixed step: one-token sequences go through the batched decode path, so a long
         # prefill does not make every decode in its step loop in Python.
         query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
         is_decode = query_lens == 1
         if not bool(is_decode.any()):
-            reference.paged_prefill_attention(out, query, key_cache, value_cache, meta.block_tables,
-                                              meta.query_start_loc, meta.seq_lens, scale)
+            sdpa_paged.paged_prefill_attention(out, query, key_cache, value_cache, meta.block_tables,
+                                               meta.query_start_loc, meta.seq_lens, scale, key, value)
             return out
         token_is_decode = is_decode.repeat_interleave(query_lens)
         decode_out = torch.empty_like(query[token_is_decode])
-        reference.paged_decode_attention(decode_out, query[token_is_decode], key_cache, value_cache,
-                                         meta.block_tables[is_decode], meta.seq_lens[is_decode], scale)
+        sdpa_paged.paged_decode_attention(decode_out, query[token_is_decode], key_cache, value_cache,
+                                          meta.block_tables[is_decode], meta.seq_lens[is_decode], scale)
         out[token_is_decode] = decode_out
         is_prefill = ~is_decode
         prefill_start_loc = torch.zeros_like(meta.query_start_loc[: int(is_prefill.sum()) + 1])
         prefill_start_loc[1:] = query_lens[is_prefill].cumsum(0)
-        prefill_out = torch.empty_like(query[~token_is_decode])
-        reference.paged_prefill_attention(prefill_out, query[~token_is_decode], key_cache, value_cache,
-                                          meta.block_tables[is_prefill], prefill_start_loc,
-                                          meta.seq_lens[is_prefill], scale)
-        out[~token_is_decode] = prefill_out
+        prefill_rows = ~token_is_decode
+        prefill_out = torch.empty_like(query[prefill_rows])
+        sdpa_paged.paged_prefill_attention(prefill_out, query[prefill_rows], key_cache, value_cache,
+                                           meta.block_tables[is_prefill], prefill_start_loc,
+                                           meta.seq_lens[is_prefill], scale,
+                                           None if key is None else key[prefill_rows],
+                                           None if value is None else value[prefill_rows])
+        out[prefill_rows] = prefill_out
         return out
 
 
-def get_attention_backend(name: str = "torch") -> AttentionBackend:
+def get_attention_backend(name: str = "torch", device: torch.device | str | None = None) -> AttentionBackend:
+    """``torch``, ``triton``, or ``auto``: triton on CUDA, torch elsewhere (``device`` None: CPU).
+
+    Triton on a CPU device only works in Triton's interpreter (``TRITON_INTERPRET=1``, tests);
+    that is checked when ``device`` is given. Triton is imported only here, so the torch backend
+    works where triton is not installed.
+    """
+    if name == "auto":
+        name = "triton" if device is not None and torch.device(device).type == "cuda" else "torch"
     if name == "torch":
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r} (have: torch)")
+    if name == "triton":
+        from kernels.triton_utils import interpreting
+
+        if device is not None and torch.device(device).type != "cuda" and not interpreting():
+            raise ValueError(f"attention backend 'triton' needs a CUDA device (got {device}) "
+                             "or TRITON_INTERPRET=1 set before triton is imported")
+        from worker.attention_triton import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r} (have: auto, torch, triton)")

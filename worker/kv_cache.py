@@ -2,6 +2,8 @@
 
 A block holds `block_size` tokens of K and V for every layer, so
 ``bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_bytes``.
+Under tensor parallelism `num_kv_heads` is this rank's (worker/parallel.py): every rank holds
+its heads' share of every block, and block ids mean the same on every rank.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import torch
 from shared.models import ModelFiles
 from worker.attention import AttentionBackend
 from worker.models.llama import LlamaForCausalLM, ModelArgs
+from worker.parallel import ParallelGroup, shard_layout
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,7 +29,7 @@ class LoadedModel:
     model: LlamaForCausalLM
     args: ModelArgs
     eos_token_ids: list[int]  # generation stops on any of these
-    weights_bytes: int
+    weights_bytes: int  # this rank's share
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -41,7 +42,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(files: ModelFiles, device: torch.device, dtype: torch.dtype,
-               backend: AttentionBackend | None = None) -> LoadedModel:
+               backend: AttentionBackend | None = None, group: ParallelGroup | None = None) -> LoadedModel:
+    """This rank's share of the model (all of it without a group). Raises TensorParallelError
+    before reading any weight when the model cannot be split group.world_size ways."""
+    group = group or ParallelGroup()
     if files.gguf_path:
         from gguf import GGUFReader
 
@@ -54,11 +58,14 @@ def load_model(files: ModelFiles, device: torch.device, dtype: torch.dtype,
         tensors = _safetensors_tensors(files.directory)
         eos = hf_eos_token_ids(files.directory, config)
     args = ModelArgs.from_hf_config(config)
+    shard_layout(args.num_heads, args.num_kv_heads, args.intermediate_size, args.vocab_size, group.rank,
+                 group.world_size, model=files.name)  # the clear message, before any weight is read
     with torch.device("meta"):
-        model = LlamaForCausalLM(args, backend)
+        model = LlamaForCausalLM(args, backend, group)
     model = model.to(dtype).to_empty(device=device)
     with torch.no_grad():
-        model.load_weights((name, t.to(device=device, dtype=dtype)) for name, t in tensors)
+        # Full tensors on the host: each rank copies only its slice to the device (copy_ casts).
+        model.load_weights(tensors)
     model.eval().requires_grad_(False)
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return LoadedModel(model=model, args=args, eos_token_ids=eos, weights_bytes=weights_bytes)

@@ -1,7 +1,10 @@
 """The worker process: load the model, hand-shake with the scheduler, execute plans.
 
 Policy lives in the scheduler; a worker only executes. Every rank receives the
-same plan; rank 0 returns the sampled tokens.
+same plan; rank 0 returns the sampled tokens (worker/model_runner.py keeps the ranks
+in lockstep). Any rank that fails a step tells the scheduler (`WorkerError`) and
+exits 1: its peers' collectives then fail too, so the whole group goes down, which
+the scheduler treats as one failure of the group.
 
 Readiness: the worker is ready (logs `worker.ready`, tells systemd READY=1) once
 its weights are loaded, its KV cache is allocated and the scheduler has answered
@@ -40,7 +43,7 @@ class WorkerLoop:
         from worker.model_runner import ModelRunner  # torch import happens here, after logging is set up
 
         self.config = config
-        self.rank = config.rank
+        self.rank = config.worker_rank
         self.runner = ModelRunner(config)
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = p.decoder_for(p.PlanMessage)
@@ -59,7 +62,7 @@ class WorkerLoop:
         self.runner.load()
         if self.signals:
             return self._stopped("signal during start-up")
-        hello = self.runner.hello(self.rank, self.config.tensor_parallel_size)
+        hello = self.runner.hello()
         ctx = zmq.Context()
         sock = make_dealer(ctx, identity=f"worker-{self.rank}".encode())
         sock.connect(self.config.worker_addr())
@@ -69,10 +72,14 @@ class WorkerLoop:
             refused = self._await_ack(sock)
             if refused is not None:
                 return refused
-            log.info("worker.ready", rank=self.rank, device=hello.device, dtype=hello.dtype, model=hello.model,
+            log.info("worker.ready", rank=self.rank, tensor_parallel_size=hello.world_size, device=hello.device,
+                     dtype=hello.dtype, model=hello.model,
                      kv_blocks=hello.num_device_blocks, block_size=hello.block_size, **hello.memory)
             self.notifier.ready(f"ready: rank {self.rank}, {hello.num_device_blocks} KV blocks")
-            return self._serve(sock)
+            code = self._serve(sock)
+            if code == 0:
+                self.runner.close()  # a clean stop leaves the group; a failed rank just exits
+            return code
         finally:
             sock.close(linger=0)
             ctx.term()

@@ -3,6 +3,11 @@
 It never decides policy: every block id, token count and swap comes from the scheduler's
 `StepPlan`. Order within a step (shared/protocol.py): drop finished sequences, swap out, swap in,
 copy, register new sequences, run the scheduled chunks, sample.
+
+Tensor parallelism (worker/parallel.py): every rank holds its share of the weights and of each
+KV block (its KV heads), receives the same plans and runs the same steps, collectives in the
+same order. Rank 0 alone gathers the logits, samples and computes logprobs, then broadcasts the
+sampled tokens, so every rank's persistent batch (token ids, penalty counts) stays identical.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from worker.input_batch import InputBatch, StepInputs
 from worker.kv_cache import (GIB, KVCache, allocate_kv_cache, bytes_per_block, kv_cache_budget_bytes,
                              plan_num_blocks)
 from worker.loader import load_model, resolve_dtype
+from worker.parallel import ParallelGroup
 from worker.logprobs import prompt_logprobs
 from worker.sampler import Sampler
 from worker.sampling_state import SamplingState
@@ -35,14 +41,15 @@ log = get_logger("worker.model_runner")
 class ModelRunner:
     """``load()`` once, then ``execute(plan)`` per step. Not thread-safe."""
 
-    def __init__(self, config: ServerConfig, attention_backend: str = "torch"):
+    def __init__(self, config: ServerConfig, attention_backend: str | None = None):
         config.validate()
         self.config = config
         self.device = torch.device(config.device)
         self.swap_space_gib = config.swap_space_gib  # host swap space for swapped-out KV blocks, GiB
-        self.attention_backend = attention_backend
+        self.attention_backend = get_attention_backend(attention_backend or config.attention_backend, self.device).name
         self.model = None
         self.memory_profile: dict[str, int] = {}
+        self.group = ParallelGroup(config.worker_rank, config.tensor_parallel_size)
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -55,22 +62,26 @@ class ModelRunner:
             torch.cuda.set_device(device)
         self.files = resolve_model(config.model)
         self.dtype = resolve_dtype(config.dtype, device)
-        loaded = load_model(self.files, device, self.dtype, get_attention_backend(self.attention_backend))
+        loaded = load_model(self.files, device, self.dtype, get_attention_backend(self.attention_backend),
+                            self.group)
         self.model, self.args, self.eos_token_ids = loaded.model, loaded.args, loaded.eos_token_ids
+        # After loading, so a rank that cannot load fails before the others wait for it.
+        self.group.init(config.dist_init_addr, device, config.dist_timeout_s)
+        self.num_kv_heads = self.model.layout.num_kv_heads  # this rank's: its share of each block
         self.max_model_len = self._resolve_max_model_len()
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(self.max_model_len, 2048)
 
         a = self.args
-        block_bytes = bytes_per_block(a.num_layers, config.block_size, a.num_kv_heads, a.head_dim, self.dtype)
+        block_bytes = bytes_per_block(a.num_layers, config.block_size, self.num_kv_heads, a.head_dim, self.dtype)
         activation_peak = self._profile_activation_peak() if device.type == "cuda" else 0
         budget = kv_cache_budget_bytes(config, device, loaded.weights_bytes, activation_peak)
         num_blocks = plan_num_blocks(config, budget, block_bytes)
-        self.kv_cache = allocate_kv_cache(a.num_layers, num_blocks, config.block_size, a.num_kv_heads,
+        self.kv_cache = allocate_kv_cache(a.num_layers, num_blocks, config.block_size, self.num_kv_heads,
                                           a.head_dim, self.dtype, device)
         num_host_blocks = int(self.swap_space_gib * GIB) // block_bytes
         self.host_cache: KVCache | None = None
         if num_host_blocks:
-            self.host_cache = allocate_kv_cache(a.num_layers, num_host_blocks, config.block_size, a.num_kv_heads,
+            self.host_cache = allocate_kv_cache(a.num_layers, num_host_blocks, config.block_size, self.num_kv_heads,
                                                 a.head_dim, self.dtype, torch.device("cpu"),
                                                 pin_memory=device.type == "cuda")
         self.num_host_blocks = num_host_blocks
@@ -85,7 +96,8 @@ class ModelRunner:
                                 vocab_size=a.vocab_size, eos_token_ids=self.eos_token_ids)
         self.sampler = Sampler(device, config.seed)
         # worker/loop.py logs `worker.ready` after the handshake; this is the load itself.
-        log.info("worker.loaded", model=self.files.name, device=str(device),
+        log.info("worker.loaded", model=self.files.name, device=str(device), rank=self.group.rank,
+                 tensor_parallel_size=self.group.world_size, kv_heads=self.num_kv_heads,
                  dtype=str(self.dtype).removeprefix("torch."),
                  attention_backend=self.attention_backend, num_device_blocks=num_blocks,
                  num_host_blocks=num_host_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
@@ -116,7 +128,8 @@ class ModelRunner:
             lens.append(min(left, self.max_model_len))
             left -= lens[-1]
         num_blocks = sum(-(-n // bs) for n in lens)
-        cache = allocate_kv_cache(a.num_layers, num_blocks, bs, a.num_kv_heads, a.head_dim, self.dtype, self.device)
+        cache = allocate_kv_cache(a.num_layers, num_blocks, bs, self.num_kv_heads, a.head_dim, self.dtype,
+                                  self.device)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline = torch.cuda.memory_allocated(self.device)
@@ -130,23 +143,27 @@ class ModelRunner:
         inputs = batch.prepare(scheduled)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, cache.layers())
         rows = hidden[torch.arange(cfg.max_num_seqs, device=self.device) % hidden.shape[0]]
-        logits = self.model.compute_logits(rows)
-        # Every sampling stage at once; the penalty state is as large as the real batch's (2 rows per seq).
-        profile_params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, min_p=0.05, seed=1,
-                                        repetition_penalty=1.1, logprobs=MAX_LOGPROBS)
-        state = SamplingState(2 * cfg.max_num_seqs, a.vocab_size, self.device)
-        for row in range(cfg.max_num_seqs):
-            state.set_row(row, profile_params, 0, [0, 0], 1)
-        meta = state.metadata(np.arange(cfg.max_num_seqs), np.zeros(cfg.max_num_seqs, dtype=np.int64))
-        Sampler(self.device).sample(logits, meta, state)
-        del state, meta
+        logits = self.compute_logits(rows)  # None on ranks other than 0: they do not sample
+        if logits is not None:
+            # Every sampling stage at once; the penalty state is as large as the real batch's (2 rows per seq).
+            profile_params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, min_p=0.05, seed=1,
+                                            repetition_penalty=1.1, logprobs=MAX_LOGPROBS)
+            state = SamplingState(2 * cfg.max_num_seqs, a.vocab_size, self.device)
+            for row in range(cfg.max_num_seqs):
+                state.set_row(row, profile_params, 0, [0, 0], 1)
+            meta = state.metadata(np.arange(cfg.max_num_seqs), np.zeros(cfg.max_num_seqs, dtype=np.int64))
+            Sampler(self.device).sample(logits, meta, state)
+            del state, meta
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
         del cache, hidden, rows, logits, inputs
         torch.cuda.empty_cache()
         return max(0, peak)
 
-    def hello(self, rank: int, world_size: int) -> WorkerHello:
+    def hello(self, rank: int | None = None, world_size: int | None = None) -> WorkerHello:
+        """The handshake; `rank` and `world_size` default to (and should equal) this rank's group."""
+        rank = self.group.rank if rank is None else rank
+        world_size = self.group.world_size if world_size is None else world_size
         return WorkerHello(
             rank=rank, world_size=world_size, num_device_blocks=self.kv_cache.num_blocks,
             num_host_blocks=self.num_host_blocks, block_size=self.config.block_size,
@@ -155,7 +172,16 @@ class ModelRunner:
             dtype=str(self.dtype).removeprefix("torch."), device=str(self.device), memory=dict(self.memory_profile),
         )
 
+    def close(self) -> None:
+        """Leave the tensor-parallel group (on a clean stop; a dying process just exits)."""
+        self.group.close()
+
     # ---- steps ------------------------------------------------------------------------------
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """float32 ``[rows, vocab_size]`` on rank 0, None on the others. Collective: every rank
+        must call it for the same rows."""
+        return self.group.gather_vocab(self.model.compute_logits(hidden), self.args.vocab_size)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -175,32 +201,47 @@ class ModelRunner:
         result = StepResult(step_id=plan.step_id, sampled=[-1] * len(plan.scheduled))
         if plan.scheduled:
             inputs = self.batch.prepare(plan.scheduled)
+            forward_started = time.perf_counter()
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache.layers())
+            sample_started = time.perf_counter()
             self._collect_prompt_logprobs(hidden, inputs)
             if inputs.sampling is None:
                 self.batch.record(plan.scheduled, inputs, [])
             else:
                 self._sample(hidden, inputs, plan, result)
+            # Host wall-clock (see StepResult.phase_times_s); plan changes above count as prepare.
+            result.phase_times_s = {"prepare": forward_started - started, "forward": sample_started - forward_started,
+                                    "sample": time.perf_counter() - sample_started}
         result.step_time_s = time.perf_counter() - started
         return result
 
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs, plan: StepPlan, result: StepResult) -> None:
-        """Sample every row that reached its end; fill `result` (tokens, logprobs, prompt logprobs)."""
-        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
-        out = self.sampler.sample(logits, inputs.sampling, self.batch.sampling)
-        tokens = out.token_ids.tolist()
-        self.batch.record(plan.scheduled, inputs, tokens, out.token_ids)
+        """Sample every row that reached its end; fill `result` (tokens, logprobs, prompt logprobs).
+        With tensor parallelism rank 0 samples and broadcasts the tokens, so every rank's result
+        has the same tokens; logprobs exist on rank 0 only (the only rank that answers)."""
+        logits = self.compute_logits(hidden.index_select(0, inputs.logits_indices))
+        if logits is not None:
+            out = self.sampler.sample(logits, inputs.sampling, self.batch.sampling)
+            token_ids, logprobs = out.token_ids, out.logprobs
+        else:
+            token_ids = torch.empty(len(inputs.sampled_seqs), dtype=torch.int64, device=self.device)
+            logprobs = None
+        self.group.broadcast(token_ids, src=0)
+        tokens = token_ids.tolist()
+        self.batch.record(plan.scheduled, inputs, tokens, token_ids)
         num_scheduled = len(plan.scheduled)
-        if out.logprobs is not None:
+        if logprobs is not None:
             result.logprobs = [None] * num_scheduled
         for i, (position, token, seq) in enumerate(zip(inputs.sampled_positions, tokens, inputs.sampled_seqs)):
             result.sampled[position] = token
-            if out.logprobs is not None:
-                result.logprobs[position] = out.logprobs[i]
+            if logprobs is not None:
+                result.logprobs[position] = logprobs[i]
             if seq.prompt_logprobs is not None:  # its prompt is done: send them with the first token
-                if not result.prompt_logprobs:
-                    result.prompt_logprobs = [[] for _ in range(num_scheduled)]
-                result.prompt_logprobs[position], seq.prompt_logprobs = seq.prompt_logprobs, None
+                if logits is not None:
+                    if not result.prompt_logprobs:
+                        result.prompt_logprobs = [[] for _ in range(num_scheduled)]
+                    result.prompt_logprobs[position] = seq.prompt_logprobs
+                seq.prompt_logprobs = None
 
     def _collect_prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> None:
         """Append this chunk's prompt logprobs to each sequence that wants them (rare: not batched)."""
@@ -208,7 +249,12 @@ class ModelRunner:
             k = seq.params.prompt_logprobs
             for offset in range(0, count, PROMPT_LOGPROBS_CHUNK):
                 n = min(PROMPT_LOGPROBS_CHUNK, count - offset)
-                logits = self.model.compute_logits(hidden[flat_start + offset:flat_start + offset + n])
+                logits = self.compute_logits(hidden[flat_start + offset:flat_start + offset + n])
+                if logits is None:
+                    # Not rank 0: placeholders keep the list as long as rank 0's, so every rank's
+                    # batch makes the same prompt-logprob decisions (and calls the same collectives).
+                    seq.prompt_logprobs.extend([None] * n)
+                    continue
                 position = first_position + offset + 1  # of the first predicted prompt token
                 next_ids = torch.tensor(seq.token_ids[position:position + n], dtype=torch.int64, device=self.device)
                 seq.prompt_logprobs.extend(prompt_logprobs(logits, next_ids, k))

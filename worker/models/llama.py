@@ -3,8 +3,11 @@ Qwen3 (q/k RMSNorm), SmolLM.
 
 Tokens are flat: the forward pass takes ``[num_tokens]`` ids and positions of every sequence of
 the step back to back, and attention finds each sequence's rows and context through
-`AttentionMetadata`. Numerics follow Hugging Face transformers (fp32 RMSNorm statistics, fp32
-RoPE angles, ``rotate_half`` RoPE layout) so logits match it to rounding.
+`AttentionMetadata`. With tensor parallelism (worker/parallel.py) the module holds one rank's
+share: its query and KV heads, its MLP channels and its vocabulary rows, plus the all-reduces
+that make every rank's hidden states whole again. Numerics follow Hugging Face transformers
+(fp32 RMSNorm statistics, fp32 RoPE angles, ``rotate_half`` RoPE layout) so logits match it to
+rounding.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
+from worker.models.llama_weights import load_sharded_weights
+from worker.parallel import ParallelGroup, ShardLayout, shard_layout
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -125,16 +130,19 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, backend: AttentionBackend):
+    """Column-parallel q/k/v (this rank's heads), row-parallel o, then an all-reduce."""
+
+    def __init__(self, args: ModelArgs, backend: AttentionBackend, layout: ShardLayout, group: ParallelGroup):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
-        self.q_size, self.kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = layout.num_q_heads, layout.num_kv_heads, args.head_dim
+        self.q_size, self.kv_size = self.num_heads * args.head_dim, self.num_kv_heads * args.head_dim
         self.wqkv = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias)
         self.wo = nn.Linear(self.q_size, args.hidden_size, bias=False)
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.scale = args.head_dim ** -0.5
         self.backend = backend
+        self.group = group
 
     def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
         num_tokens = x.shape[0]
@@ -148,29 +156,51 @@ class Attention(nn.Module):
         key_cache, value_cache = kv_cache
         self.backend.write_kv(k, v, key_cache, value_cache, meta)
         out = self.backend.attend(q, key_cache, value_cache, meta, self.scale)
-        return self.wo(out.reshape(num_tokens, self.q_size))
+        return self.group.all_reduce(self.wo(out.reshape(num_tokens, self.q_size)))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused in one matmul."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused in one matmul. Column-parallel
+    gate/up (this rank's channels), row-parallel down, then an all-reduce."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layout: ShardLayout, group: ParallelGroup):
         super().__init__()
-        self.w13 = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.w13 = nn.Linear(args.hidden_size, 2 * layout.intermediate_size, bias=False)
+        self.w2 = nn.Linear(layout.intermediate_size, args.hidden_size, bias=False)
+        self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.group.all_reduce(self.w2(F.silu(gate) * up))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank's `layout.vocab` rows of the embedding, padded to `vocab_per_rank` rows (the
+    padding is zero and never looked up). Each rank embeds the ids it holds, zeros for the
+    others; the all-reduce then gives every rank every row."""
+
+    def __init__(self, args: ModelArgs, layout: ShardLayout, group: ParallelGroup):
+        super().__init__()
+        # No random init: weights are always loaded (and normal_ on the meta device is slow).
+        self.weight = nn.Parameter(torch.empty(layout.vocab_per_rank, args.hidden_size))
+        self.vocab, self.group = layout.vocab, group
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.group.world_size == 1:
+            return F.embedding(input_ids, self.weight)
+        start, end = self.vocab
+        inside = (input_ids >= start) & (input_ids < end)
+        x = F.embedding((input_ids - start) * inside, self.weight)  # others read row 0, zeroed next
+        return self.group.all_reduce(x.masked_fill(~inside[:, None], 0.0))
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, backend: AttentionBackend):
+    def __init__(self, args: ModelArgs, backend: AttentionBackend, layout: ShardLayout, group: ParallelGroup):
         super().__init__()
         self.attention_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.attention = Attention(args, backend)
+        self.attention = Attention(args, backend, layout, group)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = FeedForward(args, layout, group)
 
     def forward(self, x, cos, sin, kv_cache, meta):
         h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, meta)
@@ -178,24 +208,29 @@ class Block(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, args: ModelArgs, backend: AttentionBackend | None = None):
+    """One rank's share of the model (the whole model when `group` is absent or has one rank).
+    Raises TensorParallelError when the model cannot be split `group.world_size` ways."""
+
+    def __init__(self, args: ModelArgs, backend: AttentionBackend | None = None, group: ParallelGroup | None = None):
         super().__init__()
         self.args = args
+        self.group = group or ParallelGroup()
+        self.layout = shard_layout(args.num_heads, args.num_kv_heads, args.intermediate_size, args.vocab_size,
+                                   self.group.rank, self.group.world_size)
         backend = backend or TorchAttentionBackend()
-        # _weight skips the random init: weights are always loaded (and normal_ on the meta
-        # device costs a 2 s import).
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size,
-                                           _weight=torch.empty(args.vocab_size, args.hidden_size))
-        self.layers = nn.ModuleList(Block(args, backend) for _ in range(args.num_layers))
+        self.tok_embeddings = VocabParallelEmbedding(args, self.layout, self.group)
+        self.layers = nn.ModuleList(Block(args, backend, self.layout, self.group) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.output = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.output = (None if args.tie_word_embeddings
+                       else nn.Linear(args.hidden_size, self.layout.vocab_per_rank, bias=False))
         # A plain attribute, not a buffer: it must survive building on the meta device.
         self.inv_freq = rope_inv_freq(args)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """input_ids, positions: int64 ``[num_tokens]``; kv_caches: (K, V) per layer.
-        Returns the final-norm hidden states ``[num_tokens, hidden_size]``."""
+        """input_ids, positions: int64 ``[num_tokens]``; kv_caches: (K, V) per layer, this rank's
+        KV heads. Returns the final-norm hidden states ``[num_tokens, hidden_size]`` (the same on
+        every rank)."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         angles = positions.float()[:, None] * self.inv_freq[None, :]
@@ -207,76 +242,13 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden ``[rows, hidden_size]`` (only the rows to sample) -> float32 ``[rows, vocab_size]``."""
+        """hidden ``[rows, hidden_size]`` (only the rows to sample) -> float32
+        ``[rows, layout.vocab_per_rank]``: this rank's vocabulary shard (the whole vocabulary at
+        TP=1). `ParallelGroup.gather_vocab` assembles the full rows on rank 0."""
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(hidden, weight).float()
 
-    # ---- weights -----------------------------------------------------------------------------
-
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors (``model.layers.0.self_attn.q_proj.weight``...) into our
-        fused parameters. Raises if a parameter is left unset or a name is unknown. The extra
-        name ``rope_freq_factors`` (GGUF ``rope_freqs``) divides the RoPE frequencies."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for hf_name, tensor in named_tensors:
-            if hf_name == "rope_freq_factors":
-                self.inv_freq = self.inv_freq / tensor.to(self.inv_freq.device, torch.float32)
-                continue
-            if hf_name.endswith("rotary_emb.inv_freq"):
-                continue
-            name, rows = self._map_name(hf_name)
-            if name == "output.weight" and self.output is None:
-                continue  # a tied checkpoint that also stores lm_head
-            if name not in params:
-                raise KeyError(f"unexpected weight {hf_name!r}")
-            target = params[name].data if rows is None else params[name].data[rows[0]:rows[1]]
-            if target.shape != tensor.shape:
-                raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
-            target.copy_(tensor)
-            loaded.add(name if rows is None else f"{name}[{rows[0]}]")
-        expected = set()
-        for name, param in params.items():
-            ranges = self._fused_ranges(name)
-            expected.update([name] if ranges is None else (f"{name}[{r[0]}]" for r in ranges))
-        missing = expected - loaded
-        if missing:
-            raise ValueError(f"weights missing from the checkpoint: {sorted(missing)[:8]}")
-
-    def _fused_ranges(self, name: str) -> list[tuple[int, int]] | None:
-        a = self.args
-        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        if name.endswith("wqkv.weight") or name.endswith("wqkv.bias"):
-            return [(0, q), (q, q + kv), (q + kv, q + 2 * kv)]
-        if name.endswith("w13.weight"):
-            return [(0, a.intermediate_size), (a.intermediate_size, 2 * a.intermediate_size)]
-        return None
-
-    _LAYER_NAMES = {
-        "input_layernorm.weight": ("attention_norm.weight", None),
-        "post_attention_layernorm.weight": ("ffn_norm.weight", None),
-        "self_attn.o_proj.weight": ("attention.wo.weight", None),
-        "self_attn.q_norm.weight": ("attention.q_norm.weight", None),
-        "self_attn.k_norm.weight": ("attention.k_norm.weight", None),
-        "mlp.down_proj.weight": ("feed_forward.w2.weight", None),
-        "self_attn.q_proj.weight": ("attention.wqkv.weight", 0),
-        "self_attn.k_proj.weight": ("attention.wqkv.weight", 1),
-        "self_attn.v_proj.weight": ("attention.wqkv.weight", 2),
-        "self_attn.q_proj.bias": ("attention.wqkv.bias", 0),
-        "self_attn.k_proj.bias": ("attention.wqkv.bias", 1),
-        "self_attn.v_proj.bias": ("attention.wqkv.bias", 2),
-        "mlp.gate_proj.weight": ("feed_forward.w13.weight", 0),
-        "mlp.up_proj.weight": ("feed_forward.w13.weight", 1),
-    }
-    _TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-                  "lm_head.weight": "output.weight"}
-
-    def _map_name(self, hf_name: str) -> tuple[str, tuple[int, int] | None]:
-        if hf_name in self._TOP_NAMES:
-            return self._TOP_NAMES[hf_name], None
-        parts = hf_name.split(".", 3)
-        if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in self._LAYER_NAMES:
-            local, part = self._LAYER_NAMES[parts[3]]
-            name = f"layers.{parts[2]}.{local}"
-            return name, None if part is None else self._fused_ranges(name)[part]
-        raise KeyError(f"unexpected weight {hf_name!r}")
+        """Copy this rank's slice of each Hugging Face-named tensor into our fused parameters
+        (worker/models/llama_weights.py). Raises if a parameter is left unset or a name is unknown."""
+        load_sharded_weights(self, named_tensors)

