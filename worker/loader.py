@@ -42,11 +42,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(files: ModelFiles, device: torch.device, dtype: torch.dtype,
-               backend: AttentionBackend | None = None, group: ParallelGroup | None = None) -> LoadedModel:
+               backend: AttentionBackend | None = None, group: ParallelGroup | None = None,
+               load_format: str = "auto") -> LoadedModel:
     """This rank's share of the model (all of it without a group). Raises TensorParallelError
-    before reading any weight when the model cannot be split group.world_size ways."""
+    before reading any weight when the model cannot be split group.world_size ways.
+
+    load_format "dummy": only config.json is read; weights are random (vLLM's
+    `--load-format dummy`), for benchmarks of real shapes without the checkpoint."""
     group = group or ParallelGroup()
-    if files.gguf_path:
+    if load_format == "dummy":
+        config = read_json(os.path.join(files.directory, "config.json"))
+        tensors = None
+        eos = hf_eos_token_ids(files.directory, config)
+    elif files.gguf_path:
         from gguf import GGUFReader
 
         reader = GGUFReader(files.gguf_path)
@@ -64,11 +72,24 @@ def load_model(files: ModelFiles, device: torch.device, dtype: torch.dtype,
         model = LlamaForCausalLM(args, backend, group)
     model = model.to(dtype).to_empty(device=device)
     with torch.no_grad():
-        # Full tensors on the host: each rank copies only its slice to the device (copy_ casts).
-        model.load_weights(tensors)
+        if tensors is None:
+            _init_dummy_weights(model, seed=group.rank)
+        else:
+            # Full tensors on the host: each rank copies only its slice to the device (copy_ casts).
+            model.load_weights(tensors)
     model.eval().requires_grad_(False)
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return LoadedModel(model=model, args=args, eos_token_ids=eos, weights_bytes=weights_bytes)
+
+
+def _init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
+    """Norm weights 1, everything else N(0, 0.02): activations stay finite through any depth."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
 
 
 # ---- Hugging Face directory -----------------------------------------------------------------

@@ -62,8 +62,8 @@ class ModelRunner:
             torch.cuda.set_device(device)
         self.files = resolve_model(config.model)
         self.dtype = resolve_dtype(config.dtype, device)
-        loaded = load_model(self.files, device, self.dtype, get_attention_backend(self.attention_backend),
-                            self.group)
+        backend = get_attention_backend(self.attention_backend, device)
+        loaded = load_model(self.files, device, self.dtype, backend, self.group, load_format=config.load_format)
         self.model, self.args, self.eos_token_ids = loaded.model, loaded.args, loaded.eos_token_ids
         # After loading, so a rank that cannot load fails before the others wait for it.
         self.group.init(config.dist_init_addr, device, config.dist_timeout_s)
@@ -99,7 +99,8 @@ class ModelRunner:
         log.info("worker.loaded", model=self.files.name, device=str(device), rank=self.group.rank,
                  tensor_parallel_size=self.group.world_size, kv_heads=self.num_kv_heads,
                  dtype=str(self.dtype).removeprefix("torch."),
-                 attention_backend=self.attention_backend, num_device_blocks=num_blocks,
+                 attention_backend=self.attention_backend, cpu_decode_kernel=_cpu_kernel_status(backend),
+                 num_device_blocks=num_blocks,
                  num_host_blocks=num_host_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
                  max_num_batched_tokens=self.max_num_batched_tokens, load_s=round(time.perf_counter() - started, 3),
                  **self.memory_profile)
@@ -269,3 +270,12 @@ class ModelRunner:
         index = torch.tensor(pairs, dtype=torch.int64)
         for s, d in zip((*src.key_caches, *src.value_caches), (*dst.key_caches, *dst.value_caches)):
             reference.swap_blocks(s, d, index)
+
+
+def _cpu_kernel_status(backend) -> str:
+    """For `worker.loaded`: "built", "off" (not a CPU torch backend), or why it could not be built."""
+    from kernels import cpu_kernels
+
+    if getattr(backend, "cpu_kernel", False):
+        return "built"
+    return f"unavailable: {cpu_kernels.error()}" if cpu_kernels.error() else "off"

@@ -51,3 +51,17 @@ def test_serve_sweep_of_rates(tmp_path):
         assert rate["num_requests"] == 3 and 12 <= rate["output_tokens"] <= 15
     pytest.importorskip("matplotlib")
     assert (tmp_path / "tiny-serve-rates.png").exists() and (tmp_path / "tiny-serve-latency-cdf.png").exists()
+
+
+def test_random_weights_of_a_preset_shape(tmp_path):
+    """The path a GPU run takes (a Llama-3-8B shape there): config-only model directory, the
+    server on --load-format dummy, the peer built from the config."""
+    _bench(tmp_path, "throughput", "--random-weights", "tiny", "--peers", "cb", "--probe-batch", "0",
+           "--tag", "tiny-random", "--no-plots")
+    result = json.loads((tmp_path / "tiny-random.json").read_text())
+    assert result["random_weights"] and result["model"] == "tiny"
+    assert set(result["engines"]) == {"pagedserve", "transformers CB"}
+    tokens = {name: engine["output_tokens"] for name, engine in result["engines"].items()}
+    assert len(set(tokens.values())) == 1 and 12 <= tokens["pagedserve"] <= 15
+    assert (tmp_path / "model-tiny" / "config.json").exists()
+    assert not list((tmp_path / "model-tiny").glob("*.safetensors"))

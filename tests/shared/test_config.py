@@ -35,6 +35,8 @@ def test_file_values_then_flags_override(tmp_path):
     ("block_size = 24\n", "block_size"),  # not a power of two
     ('dtype = "float8"\n', "dtype"),
     ("drain_timeout_s = -1\n", "drain_timeout_s"),
+    ('load_format = "pickle"\n', "load_format"),
+    ('attention_backend = "cuda"\n', "attention_backend"),
     ("[scheduler]\nmax_num_seqs = 4\n", "scheduler"),  # flat: no tables
 ])
 def test_bad_key_or_value_is_named(tmp_path, text, named):
