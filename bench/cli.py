@@ -171,24 +171,34 @@ def _prepare_model(args) -> None:
         args.vocab_size = PRESETS[args.random_weights]["vocab_size"]
 
 
+def _throughput_result(args, source: str, requests, engines: dict) -> dict:
+    ours = engines["pagedserve"]["output_tokens_per_s"]
+    return {"mode": "throughput", "source": source, "num_prompts": len(requests), "seed": args.seed,
+            "model": args.random_weights or args.model, "random_weights": bool(args.random_weights),
+            "dtype": args.dtype, "environment": report.environment(args.device),
+            "engines": {name: {k: v for k, v in e.items() if k != "_records"} for name, e in engines.items()},
+            "ratios": {f"pagedserve / {name}": round(ours / e["output_tokens_per_s"], 3)
+                       for name, e in engines.items() if name != "pagedserve" and e["output_tokens_per_s"]}}
+
+
 def throughput(args) -> int:
     source, requests = _requests(args)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, _stem(args) + ".server.log")
     engines = {"pagedserve": _against_server(args, log_path,
                                              lambda address: _ours(address, requests, probe_batch=args.probe_batch))}
+    partial = os.path.join(args.out, _stem(args) + ".partial.json")
     for name in args.peers:
+        # Written after every engine: an interrupted run keeps what it measured.
+        report.write_json(partial, _throughput_result(args, source, requests, engines))
         engines[PEER_NAMES[name]] = _peer(name, args, requests)
+    if os.path.exists(partial):
+        os.remove(partial)
+    result = _throughput_result(args, source, requests, engines)
     records = {name: engine.pop("_records") for name, engine in engines.items()}
-    ours = engines["pagedserve"]["output_tokens_per_s"]
-    result = {"mode": "throughput", "source": source, "num_prompts": len(requests), "seed": args.seed,
-              "model": args.random_weights or args.model, "random_weights": bool(args.random_weights), "dtype": args.dtype, "environment": report.environment(args.device),
-              "engines": engines,
-              "ratios": {f"pagedserve / {name}": round(ours / e["output_tokens_per_s"], 3)
-                         for name, e in engines.items() if name != "pagedserve" and e["output_tokens_per_s"]}}
-    print(report.throughput_table(engines))
+    print(report.throughput_table(result["engines"]))
     print()
-    print(report.phases_table(engines["pagedserve"].get("phases", {})))
+    print(report.phases_table(result["engines"]["pagedserve"].get("phases", {})))
     _save(args, result, records)
     return 0
 
@@ -206,7 +216,8 @@ def serve(args) -> int:
     by_rate = _against_server(args, log_path, sweep)
     records = {rate: run.pop("_records") for rate, run in by_rate.items()}
     result = {"mode": "serve", "source": source, "num_prompts": len(requests), "seed": args.seed,
-              "model": args.random_weights or args.model, "random_weights": bool(args.random_weights), "dtype": args.dtype, "burstiness": args.burstiness,
+              "model": args.random_weights or args.model, "random_weights": bool(args.random_weights),
+              "dtype": args.dtype, "burstiness": args.burstiness,
               "max_concurrency": args.max_concurrency, "environment": report.environment(args.device),
               "rates": by_rate}
     print(report.serve_table(by_rate))
