@@ -15,6 +15,11 @@ one is aborted first: an `AddRequest` sent while the scheduler was down may reac
 the new one from the socket's queue, and its tokens must not be mistaken for the
 resubmission's. Deltas for an engine id no longer mapped are dropped.
 
+The same happens when the scheduler says it dropped this frontend
+(`EngineInfo.frontend_drops` grew): the frontend was paused (SIGSTOP, a stalled
+host) past the scheduler's patience, so its requests were aborted there, but the
+frontend still holds their clients and tokens.
+
 New requests keep being accepted once the server was ready once: while the
 scheduler is away (or has no workers yet) they are held too, at most max_waiting.
 A `RequestRejected` with code `unavailable` (a scheduler with no workers yet) also
@@ -44,11 +49,16 @@ class SchedulerRecovery:
 
     async def _on_info(self, msg: p.EngineInfo) -> None:
         if self.scheduler_id and msg.scheduler_id != self.scheduler_id:
-            held = [req.request_id for req in self.requests.values()]
-            for req in self.requests.values():
-                req.held = True
-            log.warning("frontend.scheduler_restarted", scheduler_id=msg.scheduler_id, requests_held=held)
+            self._hold_all()
+            log.warning("frontend.scheduler_restarted", scheduler_id=msg.scheduler_id,
+                        requests_held=[req.request_id for req in self.requests.values()])
+        elif self.scheduler_id and msg.frontend_drops != self.frontend_drops:
+            # We were paused long enough for the scheduler to abort our requests: they are ours still.
+            self._hold_all()
+            log.warning("frontend.dropped_by_scheduler", drops=msg.frontend_drops,
+                        requests_held=[req.request_id for req in self.requests.values()])
         self.scheduler_id = msg.scheduler_id
+        self.frontend_drops = msg.frontend_drops
         self.latest = msg
         if not msg.ready:
             return
@@ -60,6 +70,10 @@ class SchedulerRecovery:
             self.became_ready.set()
         if any(req.held for req in self.requests.values()):
             await self._resubmit()
+
+    def _hold_all(self) -> None:
+        for req in self.requests.values():
+            req.held = True
 
     def _hold(self, req) -> None:
         """Keep `req` for the next ready scheduler (it was rejected as unavailable)."""

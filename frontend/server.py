@@ -36,6 +36,12 @@ log = get_logger()
 KEEPALIVE_INTERVAL_S = 1.0
 CLIENT_HEARTBEAT_IVL_MS = 5_000
 CLIENT_HEARTBEAT_TIMEOUT_MS = 20_000
+# Per client connection (ZeroMQ high-water marks count messages per peer). A client that floods
+# us is slowed down by TCP once CLIENT_RCVHWM of its frames wait here; others are not. A client
+# that stops reading while CLIENT_SNDHWM replies wait for it is dropped like a gone one: every
+# send is non-blocking, so no client can stall the frontend or grow its memory without bound.
+CLIENT_RCVHWM = 10_000
+CLIENT_SNDHWM = 50_000
 
 
 class BadRequest(Exception):
@@ -80,16 +86,18 @@ class FrontendServer(SchedulerRecovery):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.ctx = zmq.asyncio.Context()
-        self.clients = make_router(self.ctx)
+        self.clients = make_router(self.ctx, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM)
         self.clients.setsockopt(zmq.HEARTBEAT_IVL, CLIENT_HEARTBEAT_IVL_MS)
         self.clients.setsockopt(zmq.HEARTBEAT_TIMEOUT, CLIENT_HEARTBEAT_TIMEOUT_MS)
         self.engine = EngineClient(self.ctx, config.frontend_addr(), self._on_engine_message)
         self.info: p.EngineInfo | None = None  # the last ready EngineInfo: the model's facts
         self.latest: p.EngineInfo | None = None  # the last EngineInfo of all
         self.scheduler_id = ""  # the scheduler process answering us (a new one: resubmit)
+        self.frontend_drops = 0  # EngineInfo.frontend_drops last seen (a new count: resubmit)
         self.ever_ready = False
         self.requests: dict[str, FrontendRequest] = {}  # by client request id
         self.by_engine: dict[str, FrontendRequest] = {}  # by engine id (see FrontendRequest)
+        self.per_client: dict[bytes, int] = {}  # client identity -> its requests in `requests` (never 0)
         self._decoder = p.decoder_for(p.ClientMessage)
         self._encoder = msgspec.msgpack.Encoder()
         self._finished = 0
@@ -199,6 +207,10 @@ class FrontendServer(SchedulerRecovery):
                                                    "wait for it already: retry later")
         if msg.request_id in self.requests or msg.request_id in self.by_engine:
             raise BadRequest(ErrorCode.INVALID_REQUEST, f"request id {msg.request_id!r} is already in flight")
+        if self.per_client.get(client, 0) >= self.config.max_client_requests:
+            raise BadRequest(ErrorCode.OVERLOADED, f"this client has max_client_requests "
+                                                   f"{self.config.max_client_requests} requests in flight: retry "
+                                                   f"when some have finished")
         prompt_ids = self._prompt_ids(msg)
         self._check_lengths(prompt_ids, msg.params)
         decode = self._decoder_fn(msg.params.skip_special_tokens)
@@ -211,6 +223,7 @@ class FrontendServer(SchedulerRecovery):
                               logprobs=[[] for _ in outputs] if msg.params.logprobs is not None else None,
                               engine_id=msg.request_id, priority=msg.priority, arrival_wall=time.time())
         self.requests[msg.request_id] = self.by_engine[req.engine_id] = req
+        self.per_client[client] = self.per_client.get(client, 0) + 1
         if self.ready:
             await self.engine.add(req.engine_id, prompt_ids, msg.params, req.arrival_wall, msg.priority)
         else:
@@ -277,7 +290,12 @@ class FrontendServer(SchedulerRecovery):
     def _forget(self, req: FrontendRequest) -> bool:
         """Drop `req` from both maps; False if it was gone already."""
         self.by_engine.pop(req.engine_id, None)
-        return self.requests.pop(req.request_id, None) is not None
+        if self.requests.pop(req.request_id, None) is None:
+            return False
+        left = self.per_client.pop(req.client) - 1
+        if left:
+            self.per_client[req.client] = left
+        return True
 
     async def _on_delta(self, delta: p.TokenDelta) -> None:
         req = self.by_engine.get(delta.request_id)
@@ -356,12 +374,19 @@ class FrontendServer(SchedulerRecovery):
         return stats
 
     async def _send(self, client: bytes, msg: p.ServerMessage) -> None:
+        await self._send_frame(client, self._encoder.encode(msg))
+
+    async def _send_frame(self, client: bytes, frame: bytes) -> None:
+        """Never blocks: a client gone (EHOSTUNREACH) or not reading (its queue at CLIENT_SNDHWM,
+        EAGAIN) loses its requests, and nobody else waits for it."""
         try:
-            await self.clients.send_multipart([client, self._encoder.encode(msg)])
+            await self.clients.send_multipart([client, frame], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            await self._client_gone(client, "not_reading")
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
-            await self._client_gone(client)
+            await self._client_gone(client, "unreachable")
 
     async def _keepalive_loop(self) -> None:
         """Probe every client with requests in flight (see KEEPALIVE_INTERVAL_S): a failed send
@@ -372,18 +397,13 @@ class FrontendServer(SchedulerRecovery):
             if self.clients.closed:
                 return  # shut down
             for client in {r.client for r in self.requests.values()}:
-                try:
-                    await self.clients.send_multipart([client, keepalive])
-                except zmq.ZMQError as e:
-                    if e.errno != zmq.EHOSTUNREACH:
-                        raise
-                    await self._client_gone(client)
+                await self._send_frame(client, keepalive)
 
-    async def _client_gone(self, client: bytes) -> None:
+    async def _client_gone(self, client: bytes, cause: str) -> None:
         gone = [r for r in self.requests.values() if r.client == client]
         for req in gone:
             self._forget(req)
-        log.warning("frontend.client_gone", request_ids=[r.request_id for r in gone])
+        log.warning("frontend.client_gone", request_ids=[r.request_id for r in gone], cause=cause)
         await self.engine.abort([r.engine_id for r in gone if not r.held])
 
     async def _reply_error(self, client: bytes, request_id: str, code: ErrorCode | str, message: str) -> None:

@@ -44,6 +44,8 @@ log = get_logger()
 
 IDLE_POLL_MS = 200
 FRONTEND_SILENCE_S = 30.0  # a frontend pings every second; one silent this long is gone: abort its requests
+MAX_DROPPED_FRONTENDS = 1024  # identities remembered for EngineInfo.frontend_drops
+UNKNOWN_PEER_LOG_EVERY_S = 10.0  # at most one `scheduler.unknown_frontend` event this often
 IDLE_STATS_EVERY_S = 300.0  # an idle server still says it is alive, but rarely
 FLUSH_ON_EXIT_MS = 2000  # let the last deltas and Shutdowns leave before the sockets close
 
@@ -57,7 +59,11 @@ class SchedulerLoop(WorkerLink):
         self.encoder = msgspec.msgpack.Encoder()
         self.frontend_decoder = p.decoder_for(p.FrontendMessage)
         self._init_worker_link()
-        self.frontends: dict[bytes, float] = {}  # identity -> monotonic seconds of its last message
+        # Known frontends (they said hello), identity -> monotonic seconds of their last message.
+        # Frames from any other peer are ignored: the socket takes frames only from known peers.
+        self.frontends: dict[bytes, float] = {}
+        self._unknown_frontend_logged = float("-inf")
+        self._frontend_drops: dict[bytes, int] = {}  # identity -> times declared gone (EngineInfo.frontend_drops)
         self.scheduler_id = uuid.uuid4().hex[:12]
         self.workers = WorkerGroup(config.tensor_parallel_size)
         self.scheduler: Scheduler | None = None
@@ -173,10 +179,15 @@ class SchedulerLoop(WorkerLink):
         except (msgspec.DecodeError, UnicodeDecodeError) as e:
             log.error("scheduler.bad_frontend_frame", error=str(e))
             return
-        self.frontends[ident] = time.monotonic()
         if isinstance(msg, p.FrontendHello):
-            self._send_frontend(ident, self.info)
-        elif isinstance(msg, p.AddRequest):
+            self.frontends[ident] = time.monotonic()
+            self._send_frontend(ident, self._info_for(ident))
+            return
+        if ident not in self.frontends:
+            self._on_unknown_frontend(ident, msg)
+            return
+        self.frontends[ident] = time.monotonic()
+        if isinstance(msg, p.AddRequest):
             if self._drain_deadline is not None:
                 self._send_frontend(ident, p.RequestRejected(msg.request_id, p.ErrorCode.SHUTTING_DOWN.value,
                                                              "the server is shutting down"))
@@ -196,6 +207,16 @@ class SchedulerLoop(WorkerLink):
         elif isinstance(msg, p.StatsQuery):
             self._send_frontend(ident, p.StatsResult(query_id=msg.query_id, stats=self.stats_reply()))
 
+    def _on_unknown_frontend(self, ident: bytes, msg) -> None:
+        """A frame from a peer that never said hello (or was declared gone): not acted on. A
+        live frontend pings every second, and its next `EngineInfo` makes it resubmit what it
+        holds if this scheduler is new to it (frontend/resubmit.py), so nothing is lost."""
+        now = time.monotonic()
+        if now - self._unknown_frontend_logged >= UNKNOWN_PEER_LOG_EVERY_S:
+            self._unknown_frontend_logged = now
+            log.warning("scheduler.unknown_frontend", frontend=ident.decode(errors="replace"),
+                        kind=type(msg).__name__)
+
     def _send_frontend(self, ident: bytes, msg) -> None:
         try:
             self.frontend_sock.send_multipart([ident, self.encoder.encode(msg)])
@@ -204,10 +225,18 @@ class SchedulerLoop(WorkerLink):
                 raise
             self._frontend_gone(ident, "unreachable")
 
+    def _info_for(self, ident: bytes) -> p.EngineInfo:
+        drops = self._frontend_drops.get(ident, 0)
+        return msgspec.structs.replace(self.info, frontend_drops=drops) if drops else self.info
+
     def _frontend_gone(self, ident: bytes, cause: str) -> None:
         """Its requests can no longer be answered: free their blocks. (Their finishing deltas
-        go nowhere, which is fine: the frontend is gone.)"""
+        go nowhere.) Should it come back (it was only paused), `EngineInfo.frontend_drops`
+        tells it to resubmit them."""
         self.frontends.pop(ident, None)
+        if len(self._frontend_drops) >= MAX_DROPPED_FRONTENDS:
+            self._frontend_drops.clear()  # forgetting costs a paused frontend its requests, nothing else
+        self._frontend_drops[ident] = self._frontend_drops.get(ident, 0) + 1
         request_ids = self.scheduler.abort_frontend(ident) if self.scheduler is not None else []
         log.warning("scheduler.frontend_gone", frontend=ident.decode(errors="replace"), request_ids=request_ids,
                     cause=cause)
@@ -231,7 +260,7 @@ class SchedulerLoop(WorkerLink):
 
     def _announce_info(self) -> None:
         for ident in list(self.frontends):
-            self._send_frontend(ident, self.info)
+            self._send_frontend(ident, self._info_for(ident))
 
     def _start_step(self) -> None:
         started = time.perf_counter()
@@ -251,8 +280,8 @@ class SchedulerLoop(WorkerLink):
                 if self.workers.size > 1:  # the ranks that got the plan fail it, in their first collective
                     self._fail_group(rank, "unreachable", failed_step=plan.step_id,
                                      error=f"rank {rank} cannot be reached")
-                else:  # the only rank never got it: recompute, fail nothing
-                    self._fail_group(rank, "unreachable")
+                else:  # the only rank never got it: recompute, fail nothing, suspect nobody
+                    self._fail_group(rank, "unreachable", delivered=False)
                 return
 
     # -- visibility ---------------------------------------------------------------

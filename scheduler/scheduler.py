@@ -271,6 +271,8 @@ class Scheduler:
                 raise ValueError(f"step {plan.step_id}: sequence {seq.seq_id} sampled {token}, outside the vocabulary")
             seq.token_ids.append(token)
             self._counters["tokens_generated"] += 1
+            if seq.crashes:
+                self.policy.isolation.clear(seq)
             delta = TokenDelta(seq.request_id, seq.output_index, [token])
             _attach_logprobs(delta, result, i)
             reason = self._finish_reason(seq, token)
@@ -293,17 +295,25 @@ class Scheduler:
         failed = dict.fromkeys(self._seqs[w.seq_id].request_id for w in plan.scheduled if w.seq_id in self._seqs)
         return self.abort(failed, FinishReason.ERROR.value)
 
-    def on_worker_restart(self) -> None:
+    def on_worker_restart(self, crashed: StepPlan | None = None) -> list[tuple[bytes, TokenDelta]]:
         """The worker lost its state (it restarted or reconnected): forget the
         step in flight and preempt every running sequence by recompute, so the
         next plans resend everything as `NewSeq`s; swapped sequences recompute
         too and the prefix cache is forgotten (both caches died with the
-        worker). Nothing is lost."""
+        worker). Nothing is lost, but: `crashed` is the step in flight when the
+        worker died or hung, whose sequences become suspects; a request with one
+        at the crash limit finishes with "error" (scheduler/isolation.py). Returns
+        those finishing deltas."""
+        convicted = []
+        if crashed is not None:
+            in_flight = [self._seqs[work.seq_id] for work in crashed.scheduled if work.seq_id in self._seqs]
+            convicted = self.policy.isolation.blame(in_flight)
         self._in_flight = None
         self.policy.preempt_all(cause="worker_restart")
         for seq in self._seqs.values():
             seq.on_worker = False
         self._to_drop = []  # a fresh worker holds nothing to drop
+        return self.abort(dict.fromkeys(seq.request_id for seq in convicted), FinishReason.ERROR.value)
 
     # -- internals -----------------------------------------------------------
 

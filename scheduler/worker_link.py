@@ -161,9 +161,11 @@ class WorkerLink:
         self.notifier.status(f"ready again: {self.workers.size} worker(s) rejoined")
 
     def _fail_group(self, rank: int | None, cause: str, *, failed_step: int | None = None, error: str = "",
-                    silent_s: float | None = None) -> None:
+                    silent_s: float | None = None, delivered: bool = True) -> None:
         """The group lost its state (see the module docstring). `failed_step`: the step a rank
-        reported failing (its requests finish with "error" if it is the one in flight)."""
+        reported failing (its requests finish with "error" if it is the one in flight).
+        Otherwise the step in flight, if `delivered`, makes its sequences suspects
+        (scheduler/isolation.py)."""
         plan = self.in_flight
         if failed_step is not None:
             outputs = []
@@ -174,13 +176,17 @@ class WorkerLink:
             self._send_deltas(outputs)
         self.in_flight = None
         self.workers.dissolve()
-        in_flight = 0
+        in_flight, convicted = 0, []
         if self.scheduler is not None:
-            self.scheduler.on_worker_restart()  # the rest: preempted by recompute, every block freed
+            crashed = plan if failed_step is None and delivered else None
+            # The rest: preempted by recompute, every block freed; a repeat suspect fails.
+            convicted = self.scheduler.on_worker_restart(crashed)
             in_flight = self.scheduler.stats()["requests_in_flight"]
         extra = {"silent_s": round(silent_s, 3)} if silent_s is not None else {}
         log.error("scheduler.worker_group_failed", rank=rank, step_id=plan.step_id if plan else failed_step,
-                  workers=self.config.tensor_parallel_size, cause=cause, requests_kept=in_flight, **extra)
+                  workers=self.config.tensor_parallel_size, cause=cause, requests_kept=in_flight,
+                  requests_failed=sorted({delta.request_id for _, delta in convicted}), **extra)
+        self._send_deltas(convicted)
         self.notifier.status(f"worker group failed (rank {rank}, {cause}); waiting for it to rejoin")
         if self.info.ready:  # frontends see it in the answer to their next ping (health: degraded)
             self.info = msgspec.structs.replace(self.info, workers_ready=0)

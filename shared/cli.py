@@ -66,6 +66,8 @@ HELP = {
     "heartbeat_timeout_s": "seconds a worker may stay silent (one step included) before the scheduler counts "
                            "it dead or hung and requeues its sequences for recompute (default 30)",
     "max_waiting": "requests waiting for admission at most; past it new requests get 'overloaded' (default 4096)",
+    "max_client_requests": "requests in flight per client connection at most; past it that client's new requests "
+                           "get 'overloaded', so one client's flood cannot fill the queue for others (default 1024)",
     "curve_secret_key_file": "CURVE on the client endpoint: the frontend's .key_secret file (pagedserve keygen); "
                              "needs --curve-clients-dir",
     "curve_clients_dir": "CURVE: directory of the public .key files of the clients allowed to connect",

@@ -63,6 +63,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # failures (docs/fault_tolerance.md)
     heartbeat_timeout_s: float = 30.0  # a worker silent this long (a step included) counts as dead or hung
     max_waiting: int = 4096  # requests queued for admission at most; past it a new one is refused "overloaded"
+    max_client_requests: int = 1024  # requests in flight per client connection; past it that client gets "overloaded"
 
     # security (shared/curve.py): CURVE on the client endpoint, both or neither
     curve_secret_key_file: str = ""  # the frontend's .key_secret file (pagedserve keygen)
@@ -124,6 +125,8 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("curve_secret_key_file and curve_clients_dir go together: set both or neither")
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+        if self.max_client_requests < 1:
+            raise ValueError(f"max_client_requests must be >= 1, got {self.max_client_requests}")
         if self.stats_interval_s <= 0:
             raise ValueError(f"stats_interval_s must be > 0, got {self.stats_interval_s}")
         if self.log_level not in ("debug", "info", "warning", "error"):

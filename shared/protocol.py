@@ -334,6 +334,9 @@ class EngineInfo(_Internal, tag="engine_info"):
     workers_ready: int = 0
     workers_expected: int = 0
     scheduler_id: str = ""  # one per scheduler process: a new one means its state is gone
+    # Times this scheduler declared the receiving frontend gone (silent, or unreachable) and aborted
+    # its requests: a change tells a frontend that was only paused to resubmit what it holds.
+    frontend_drops: int = 0
 
 
 class TokenDelta(_Internal, tag="td"):

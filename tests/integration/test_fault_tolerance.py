@@ -295,3 +295,39 @@ def test_a_dead_frontend_fails_requests_in_flight_and_the_next_is_served(srv):
             time.sleep(0.2)
         assert c.stats()["kv_blocks_used"] == 0
     check_events_against_docs(srv.events)
+
+
+def test_a_paused_frontend_resubmits_what_the_scheduler_dropped(srv, reference_32):
+    """SIGSTOP the frontend past the scheduler's patience (30 s without a ping): the scheduler
+    aborts its requests; on SIGCONT the frontend learns it (EngineInfo.frontend_drops) and
+    resubmits them, and the streams end with the fault-free tokens."""
+    gone_before = len(srv.named("scheduler.frontend_gone"))
+
+    async def scenario():
+        progress = [0]
+        async with AsyncClient(srv.address, timeout=300, liveness_timeout=120) as client:
+            async def one(prompt, params):
+                stream = client.stream(prompt, params)
+                ids = []
+                async for delta in stream:
+                    ids += delta.token_ids
+                    progress[0] += len(delta.token_ids)
+                return stream.completion, ids
+
+            tasks = [asyncio.create_task(one(pr, pa)) for pr, pa in JOBS_32[:4]]
+            await _wait_tokens(progress, 8)
+            frontend = srv.child_pid("frontend")
+            os.kill(frontend, signal.SIGSTOP)
+            try:
+                await asyncio.to_thread(srv.wait_for, "scheduler.frontend_gone", gone_before + 1, 90.0)
+            finally:
+                os.kill(frontend, signal.SIGCONT)
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(scenario())
+    assert _tokens(results) == reference_32[:4]
+    assert srv.named("scheduler.frontend_gone")[-1]["cause"] == "silent"
+    assert srv.named("frontend.dropped_by_scheduler")
+    with Client(srv.address) as c:
+        assert c.stats()["kv_blocks_used"] == 0
+    check_events_against_docs(srv.events)
