@@ -27,7 +27,7 @@ import zmq.asyncio
 
 from shared import protocol as p
 from shared.curve import CurveKeys
-from shared.ipc import make_dealer
+from shared.ipc import MAX_FRAME_BYTES, make_dealer
 from shared.protocol import ChatMessage, Completion, Delta, ErrorCode, SamplingParams
 
 DEFAULT_TIMEOUT_S = 600.0  # no message for a request this long -> "unavailable"
@@ -50,6 +50,16 @@ class RequestError(Exception):
         self.code = code
         self.message = message
         self.request_id = request_id
+
+
+def _bounded_frame(encoder: msgspec.msgpack.Encoder, msg) -> bytes:
+    """`msg` encoded; a frame the server would refuse (ZMQ_MAXMSGSIZE closes the connection
+    without a word) is refused here instead, with a typed error."""
+    frame = encoder.encode(msg)
+    if len(frame) > MAX_FRAME_BYTES:
+        raise RequestError(ErrorCode.INVALID_REQUEST.value, f"the request is {len(frame)} bytes encoded; the server "
+                           f"takes frames of at most {MAX_FRAME_BYTES} bytes", getattr(msg, "request_id", None))
+    return frame
 
 
 def _new_id() -> str:
@@ -159,10 +169,11 @@ class Client(_Base):
 
     # -- plumbing ---------------------------------------------------------
     def _send(self, msg) -> None:
+        frame = _bounded_frame(self._encoder, msg)
         self._inbox.setdefault(msg.request_id, collections.deque())
         self._sent_at[msg.request_id] = time.monotonic()
         try:  # never blocks while connected (unbounded queue); a socket with no peer at all raises
-            self._sock.send(self._encoder.encode(msg), flags=zmq.NOBLOCK, copy=False)
+            self._sock.send(frame, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             raise RequestError(ErrorCode.UNAVAILABLE.value, _NO_PEER.format(self.address), msg.request_id) from None
 
@@ -305,10 +316,11 @@ class AsyncClient(_Base):
                 queue.put_nowait(msg)
 
     async def _send(self, msg) -> None:
+        frame = _bounded_frame(self._encoder, msg)
         if not isinstance(msg, p.Abort):
             self._sent_at[msg.request_id] = time.monotonic()
         try:
-            await self._sock.send(self._encoder.encode(msg), flags=zmq.NOBLOCK)
+            await self._sock.send(frame, flags=zmq.NOBLOCK)
         except zmq.Again:
             raise RequestError(ErrorCode.UNAVAILABLE.value, _NO_PEER.format(self.address), msg.request_id) from None
 

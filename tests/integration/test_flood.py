@@ -1,7 +1,8 @@
 """A flood of 10,000 requests from one client (docs/fault_tolerance.md, "Backpressure"): the
 flooding client gets an answer to each (tokens, or `overloaded` past its share), another
 client meanwhile gets the right tokens with no error, and neither the frontend's nor the
-scheduler's memory grows without bound. (A client that stops reading: tests/frontend/test_slow_client.py.)"""
+scheduler's memory grows without bound. A frame over the size bound costs its sender the
+connection, nobody else anything. (A client that stops reading: tests/frontend/test_slow_client.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from server_process import ServerProcess
 from test_bad_input import _rss_bytes
 
 from shared import protocol as p
-from shared.client import Client
+from shared.client import Client, RequestError
+from shared.ipc import MAX_FRAME_BYTES
 from shared.protocol import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -89,3 +91,24 @@ def test_ten_thousand_requests_from_one_client_leave_the_others_alone(srv):
     assert stats["requests_in_flight"] == 0 and stats["kv_blocks_used"] == 0
     assert stats["frontend_requests_in_flight"] == 0
 
+
+
+def test_a_frame_over_the_size_bound_costs_its_sender_the_connection_only(srv):
+    """ZMQ_MAXMSGSIZE: the frontend never allocates the frame; it closes that connection (which
+    reconnects by itself), others are served. The SDK refuses such a request itself, typed."""
+    raw = _flooder(srv.address)
+    raw.send(b"\x91" + b"\x00" * MAX_FRAME_BYTES)
+    with Client(srv.address) as c:
+        assert len(c.generate("The capital of France is", GREEDY).token_ids) == 6
+        with pytest.raises(RequestError) as refused:
+            c.generate("a" * MAX_FRAME_BYTES, GREEDY)
+        assert refused.value.code == "invalid_request"
+    deadline = time.monotonic() + 60
+    decoder = p.decoder_for(p.ServerMessage)
+    while True:  # the raw socket reconnected: a well-formed message on it is answered
+        raw.send(p.encode(p.HealthCheck(request_id="h")))
+        if raw.poll(2000):
+            assert isinstance(decoder.decode(raw.recv()), p.HealthReply)
+            break
+        assert time.monotonic() < deadline, "the connection never came back"
+    raw.close()
