@@ -67,7 +67,7 @@ class EngineClient:
             frame = await self._sock.recv()
             try:
                 msg = self._decoder.decode(frame)
-            except msgspec.DecodeError as e:
+            except (msgspec.DecodeError, UnicodeDecodeError) as e:
                 log.error("frontend.bad_scheduler_frame", error=str(e), bytes=len(frame))
                 continue
             if isinstance(msg, p.StatsResult):

@@ -8,6 +8,7 @@ scheduler). Every bad input is answered with an `ErrorReply` to that client alon
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import zmq.asyncio
 
 from frontend.detokenizer import OutputText
 from frontend.engine_client import EngineClient
+from frontend.resubmit import SchedulerRecovery
 from frontend.tokenizer import Tokenizer
 from shared import protocol as p
 from shared.config import ServerConfig
@@ -26,7 +28,6 @@ from shared.protocol import ErrorCode
 
 log = get_logger()
 
-HELLO_RETRY_S = 1.0
 # Client disconnects. A ROUTER reports a DEALER gone only by failing a send to it (ROUTER_MANDATORY),
 # and a non-streaming request sends nothing until it completes; so every KEEPALIVE_INTERVAL_S each
 # client with requests in flight gets a `KeepAlive`, and a failed send aborts its requests
@@ -35,6 +36,12 @@ HELLO_RETRY_S = 1.0
 KEEPALIVE_INTERVAL_S = 1.0
 CLIENT_HEARTBEAT_IVL_MS = 5_000
 CLIENT_HEARTBEAT_TIMEOUT_MS = 20_000
+# Per client connection (ZeroMQ high-water marks count messages per peer). A client that floods
+# us is slowed down by TCP once CLIENT_RCVHWM of its frames wait here; others are not. A client
+# that stops reading while CLIENT_SNDHWM replies wait for it is dropped like a gone one: every
+# send is non-blocking, so no client can stall the frontend or grow its memory without bound.
+CLIENT_RCVHWM = 10_000
+CLIENT_SNDHWM = 50_000
 
 
 class BadRequest(Exception):
@@ -45,7 +52,10 @@ class BadRequest(Exception):
 
 @dataclass
 class FrontendRequest:
-    """One in-flight request. Times are `time.monotonic()` seconds."""
+    """One in-flight request. Times are `time.monotonic()` seconds, but `arrival_wall` (epoch).
+
+    `engine_id` names it to the scheduler: the request id, or after a scheduler restart
+    `<request id>#<attempt>` (frontend/resubmit.py). `held`: waiting for a ready scheduler."""
 
     request_id: str
     client: bytes
@@ -59,24 +69,35 @@ class FrontendRequest:
     num_preemptions: int = 0
     logprobs: list[list[p.TokenLogprobs]] | None = None  # per output, when params.logprobs is set
     prompt_logprobs: list[p.TokenLogprobs] = field(default_factory=list)  # prompt tokens 1..
+    engine_id: str = ""
+    priority: int = 0
+    arrival_wall: float = 0.0
+    held: bool = False
+    attempt: int = 0
 
     @property
     def done(self) -> bool:
         return all(f is not None for f in self.finish)
 
 
-class FrontendServer:
+class FrontendServer(SchedulerRecovery):
     def __init__(self, config: ServerConfig, tokenizer: Tokenizer, model_name: str):
         self.config = config
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.ctx = zmq.asyncio.Context()
-        self.clients = make_router(self.ctx)
+        self.clients = make_router(self.ctx, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM)
         self.clients.setsockopt(zmq.HEARTBEAT_IVL, CLIENT_HEARTBEAT_IVL_MS)
         self.clients.setsockopt(zmq.HEARTBEAT_TIMEOUT, CLIENT_HEARTBEAT_TIMEOUT_MS)
         self.engine = EngineClient(self.ctx, config.frontend_addr(), self._on_engine_message)
-        self.info: p.EngineInfo | None = None
-        self.requests: dict[str, FrontendRequest] = {}
+        self.info: p.EngineInfo | None = None  # the last ready EngineInfo: the model's facts
+        self.latest: p.EngineInfo | None = None  # the last EngineInfo of all
+        self.scheduler_id = ""  # the scheduler process answering us (a new one: resubmit)
+        self.frontend_drops = 0  # EngineInfo.frontend_drops last seen (a new count: resubmit)
+        self.ever_ready = False
+        self.requests: dict[str, FrontendRequest] = {}  # by client request id
+        self.by_engine: dict[str, FrontendRequest] = {}  # by engine id (see FrontendRequest)
+        self.per_client: dict[bytes, int] = {}  # client identity -> its requests in `requests` (never 0)
         self._decoder = p.decoder_for(p.ClientMessage)
         self._encoder = msgspec.msgpack.Encoder()
         self._finished = 0
@@ -86,13 +107,16 @@ class FrontendServer:
 
     @property
     def ready(self) -> bool:
-        return self.info is not None and self.info.ready
+        """The scheduler now answering has its workers: requests go to it at once."""
+        return self.latest is not None and self.latest.ready
 
     # -- main loop ----------------------------------------------------------
     async def run(self) -> None:
+        auth = self._start_curve()
         bind(self.clients, self.config.listen)
-        log.info("frontend.listening", listen=self.config.listen, scheduler=self.config.frontend_addr())
-        tasks = [asyncio.create_task(self.engine.run()), asyncio.create_task(self._hello_until_ready()),
+        log.info("frontend.listening", listen=self.config.listen, scheduler=self.config.frontend_addr(),
+                 curve=auth is not None)
+        tasks = [asyncio.create_task(self.engine.run()), asyncio.create_task(self._ping_loop()),
                  asyncio.create_task(self._client_loop()), asyncio.create_task(self._keepalive_loop())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -101,21 +125,38 @@ class FrontendServer:
         finally:
             for t in tasks:
                 t.cancel()
+            if auth is not None:
+                auth.stop()
 
-    async def _hello_until_ready(self) -> None:
-        while not self.ready:
-            await self.engine.hello()
-            await asyncio.sleep(HELLO_RETRY_S)
+    def _start_curve(self):
+        """CURVE with a client allowlist (shared/curve.py), when configured: a ZAP handler on this
+        event loop admits the public keys in curve_clients_dir. Before bind, so no client slips in."""
+        if not self.config.curve_secret_key_file:
+            return None
+        from zmq.auth.asyncio import AsyncioAuthenticator
+
+        from shared.curve import make_server
+
+        if not os.path.isdir(self.config.curve_clients_dir):
+            raise ValueError(f"curve_clients_dir {self.config.curve_clients_dir} is not a directory")
+        make_server(self.clients, self.config.curve_secret_key_file)
+        auth = AsyncioAuthenticator(self.ctx)
+        auth.start()
+        auth.configure_curve(domain="*", location=self.config.curve_clients_dir)
+        return auth
 
     async def _client_loop(self) -> None:
         while True:
             frames = await self.clients.recv_multipart()
-            if len(frames) != 2:
-                continue  # a DEALER sends exactly one frame; anything else is not our client
+            if len(frames) != 2:  # a DEALER of ours sends exactly one frame
+                if len(frames) > 2:
+                    await self._reply_error(frames[0], "", ErrorCode.INVALID_REQUEST,
+                                            "malformed request: one frame per message")
+                continue
             client, frame = frames
             try:
                 msg = self._decoder.decode(frame)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec raises the latter on bad UTF-8
                 await self._reply_error(client, _request_id_of(frame), ErrorCode.INVALID_REQUEST,
                                         f"malformed request: {e}")
                 continue
@@ -133,24 +174,43 @@ class FrontendServer:
         elif isinstance(msg, p.Abort):
             req = self.requests.get(msg.request_id)
             if req is not None and req.client == client:
-                await self.engine.abort([msg.request_id])
+                if req.held:  # the scheduler has nothing to abort: finish it here
+                    req.finish = [f if f is not None else p.FinishReason.ABORT.value for f in req.finish]
+                    await self._complete(req, engine_finished=True)
+                else:
+                    await self.engine.abort([req.engine_id])
         elif isinstance(msg, p.HealthCheck):
-            info = self.info or p.EngineInfo(ready=False)
+            info = self.latest or p.EngineInfo(ready=False)
             await self._send(client, p.HealthReply(
                 request_id=msg.request_id, model=self.model_name,
-                status="draining" if self.draining else "ok" if self.ready else "starting",
+                status=self._health_status(info),
                 workers_ready=info.workers_ready, workers_expected=info.workers_expected))
         elif isinstance(msg, p.GetStats):
             await self._send(client, p.StatsReply(request_id=msg.request_id, stats=await self._stats()))
+
+    def _health_status(self, info: p.EngineInfo) -> str:
+        """degraded: the workers are recovering from a failure; requests wait meanwhile."""
+        if self.draining:
+            return "draining"
+        if not self.ever_ready:
+            return "starting"
+        return "degraded" if not info.ready or info.workers_ready < info.workers_expected else "ok"
 
     # -- requests -----------------------------------------------------------
     async def _generate(self, client: bytes, msg: p.Generate) -> None:
         if self.draining:
             raise BadRequest(ErrorCode.SHUTTING_DOWN, "the server is shutting down: send this request elsewhere")
-        if not self.ready:
+        if not self.ever_ready:
             raise BadRequest(ErrorCode.UNAVAILABLE, "the server is starting: no worker is ready yet")
-        if msg.request_id in self.requests:
+        if not self.ready and sum(r.held for r in self.requests.values()) >= self.config.max_waiting:
+            raise BadRequest(ErrorCode.OVERLOADED, "the scheduler is recovering and max_waiting requests "
+                                                   "wait for it already: retry later")
+        if msg.request_id in self.requests or msg.request_id in self.by_engine:
             raise BadRequest(ErrorCode.INVALID_REQUEST, f"request id {msg.request_id!r} is already in flight")
+        if self.per_client.get(client, 0) >= self.config.max_client_requests:
+            raise BadRequest(ErrorCode.OVERLOADED, f"this client has max_client_requests "
+                                                   f"{self.config.max_client_requests} requests in flight: retry "
+                                                   f"when some have finished")
         prompt_ids = self._prompt_ids(msg)
         self._check_lengths(prompt_ids, msg.params)
         decode = self._decoder_fn(msg.params.skip_special_tokens)
@@ -160,9 +220,14 @@ class FrontendServer:
         req = FrontendRequest(request_id=msg.request_id, client=client, stream=msg.stream, prompt_ids=prompt_ids,
                               params=msg.params, outputs=outputs, arrival=time.monotonic(),
                               finish=[None] * msg.params.n,
-                              logprobs=[[] for _ in outputs] if msg.params.logprobs is not None else None)
-        self.requests[msg.request_id] = req
-        await self.engine.add(msg.request_id, prompt_ids, msg.params, time.time(), msg.priority)
+                              logprobs=[[] for _ in outputs] if msg.params.logprobs is not None else None,
+                              engine_id=msg.request_id, priority=msg.priority, arrival_wall=time.time())
+        self.requests[msg.request_id] = self.by_engine[req.engine_id] = req
+        self.per_client[client] = self.per_client.get(client, 0) + 1
+        if self.ready:
+            await self.engine.add(req.engine_id, prompt_ids, msg.params, req.arrival_wall, msg.priority)
+        else:
+            self._hold(req)  # the scheduler is recovering: it gets this when it is back
 
     def _prompt_ids(self, msg: p.Generate) -> list[int]:
         given = [x is not None for x in (msg.prompt, msg.messages, msg.prompt_token_ids)]
@@ -210,21 +275,30 @@ class FrontendServer:
             for delta in msg.deltas:
                 await self._on_delta(delta)
         elif isinstance(msg, p.RequestRejected):
-            req = self.requests.pop(msg.request_id, None)
-            if req is not None:
-                self._rejected += 1
-                await self._reply_error(req.client, msg.request_id, msg.code, msg.message)
+            req = self.by_engine.get(msg.request_id)
+            if req is None:
+                return
+            if msg.code == ErrorCode.UNAVAILABLE.value:  # a restarted scheduler without workers yet
+                self._hold(req)
+                return
+            self._forget(req)
+            self._rejected += 1
+            await self._reply_error(req.client, req.request_id, msg.code, msg.message)
         elif isinstance(msg, p.EngineInfo):
-            was_ready = self.ready
-            self.info = msg
-            if msg.ready and not was_ready:
-                log.info("server.ready", listen=self.config.listen, model=msg.model,
-                         max_model_len=msg.max_model_len, kv_blocks=msg.num_device_blocks,
-                         block_size=msg.block_size)
-                self.became_ready.set()
+            await self._on_info(msg)
+
+    def _forget(self, req: FrontendRequest) -> bool:
+        """Drop `req` from both maps; False if it was gone already."""
+        self.by_engine.pop(req.engine_id, None)
+        if self.requests.pop(req.request_id, None) is None:
+            return False
+        left = self.per_client.pop(req.client) - 1
+        if left:
+            self.per_client[req.client] = left
+        return True
 
     async def _on_delta(self, delta: p.TokenDelta) -> None:
-        req = self.requests.get(delta.request_id)
+        req = self.by_engine.get(delta.request_id)
         if req is None or req.finish[delta.index] is not None:
             return  # finished by a stop string, or unknown
         out = req.outputs[delta.index]
@@ -245,15 +319,15 @@ class FrontendServer:
         if finish is not None:
             req.finish[delta.index] = finish
             if delta.finish_reason is None:  # a stop string ended this output: free its blocks now
-                await self.engine.stop_outputs([(req.request_id, delta.index)])
+                await self.engine.stop_outputs([(req.engine_id, delta.index)])
             if req.done and req.request_id in self.requests:
                 await self._complete(req, engine_finished=True)
 
     async def _complete(self, req: FrontendRequest, engine_finished: bool) -> None:
-        if self.requests.pop(req.request_id, None) is None:
+        if not self._forget(req):
             return  # its client went away while we streamed to it
-        if not engine_finished:
-            await self.engine.abort([req.request_id])  # free its blocks now
+        if not engine_finished and not req.held:
+            await self.engine.abort([req.engine_id])  # free its blocks now
         now = time.monotonic()
         ttft = (req.first_token_at or now) - req.arrival
         outputs = [p.CompletionOutput(index=i, text=o.text, token_ids=o.token_ids, finish_reason=req.finish[i],
@@ -300,12 +374,19 @@ class FrontendServer:
         return stats
 
     async def _send(self, client: bytes, msg: p.ServerMessage) -> None:
+        await self._send_frame(client, self._encoder.encode(msg))
+
+    async def _send_frame(self, client: bytes, frame: bytes) -> None:
+        """Never blocks: a client gone (EHOSTUNREACH) or not reading (its queue at CLIENT_SNDHWM,
+        EAGAIN) loses its requests, and nobody else waits for it."""
         try:
-            await self.clients.send_multipart([client, self._encoder.encode(msg)])
+            await self.clients.send_multipart([client, frame], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            await self._client_gone(client, "not_reading")
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
-            await self._client_gone(client)
+            await self._client_gone(client, "unreachable")
 
     async def _keepalive_loop(self) -> None:
         """Probe every client with requests in flight (see KEEPALIVE_INTERVAL_S): a failed send
@@ -316,19 +397,14 @@ class FrontendServer:
             if self.clients.closed:
                 return  # shut down
             for client in {r.client for r in self.requests.values()}:
-                try:
-                    await self.clients.send_multipart([client, keepalive])
-                except zmq.ZMQError as e:
-                    if e.errno != zmq.EHOSTUNREACH:
-                        raise
-                    await self._client_gone(client)
+                await self._send_frame(client, keepalive)
 
-    async def _client_gone(self, client: bytes) -> None:
-        gone = [rid for rid, r in self.requests.items() if r.client == client]
-        for rid in gone:
-            del self.requests[rid]
-        log.warning("frontend.client_gone", request_ids=gone)
-        await self.engine.abort(gone)
+    async def _client_gone(self, client: bytes, cause: str) -> None:
+        gone = [r for r in self.requests.values() if r.client == client]
+        for req in gone:
+            self._forget(req)
+        log.warning("frontend.client_gone", request_ids=[r.request_id for r in gone], cause=cause)
+        await self.engine.abort([r.engine_id for r in gone if not r.held])
 
     async def _reply_error(self, client: bytes, request_id: str, code: ErrorCode | str, message: str) -> None:
         code = code.value if isinstance(code, ErrorCode) else code
@@ -340,7 +416,7 @@ def _request_id_of(frame: bytes) -> str:
     """Best effort: the request id of a frame that failed validation, so the error reaches its caller."""
     try:
         obj = msgspec.msgpack.decode(frame)
-    except msgspec.DecodeError:
+    except Exception:  # DecodeError, or RecursionError on absurd nesting: the frame is garbage either way
         return ""
     rid = obj.get("request_id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, str) and len(rid) <= 128 else ""

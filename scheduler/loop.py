@@ -7,11 +7,9 @@ pool size is the smallest rank's capacity), and frontends are told `ready=False`
 
 The ranks of a tensor-parallel group are one worker to everything here but the
 handshake (worker/parallel.py splits the model; rank 0 alone answers). A rank
-that fails (a `WorkerError` from any rank, or a plan it can no longer be sent)
-fails the group: the step in flight fails as a one-rank worker's would, and no
-plan goes to the group again. Taking a restarted group back is the
-fault-tolerance work's (`Scheduler.on_worker_restart`); until then the requests
-left wait.
+that dies, hangs or fails a step fails the group; its sequences are preempted by
+recompute and planning resumes when the group has joined again
+(scheduler/worker_link.py, docs/fault_tolerance.md).
 
 systemd: READY=1 once both sockets are bound (workers and frontends may then
 connect); WATCHDOG=1 from this loop, which never blocks longer than IDLE_POLL_MS.
@@ -27,6 +25,7 @@ from __future__ import annotations
 import collections
 import signal
 import time
+import uuid
 
 import msgspec
 import zmq
@@ -34,6 +33,7 @@ import zmq
 from scheduler.scheduler import Scheduler
 from scheduler.step_stats import StepStats
 from scheduler.worker_group import WorkerGroup
+from scheduler.worker_link import WorkerLink
 from shared import protocol as p
 from shared.config import ServerConfig
 from shared.ipc import bind, make_router
@@ -43,11 +43,14 @@ from shared.sdnotify import Notifier
 log = get_logger()
 
 IDLE_POLL_MS = 200
+FRONTEND_SILENCE_S = 30.0  # a frontend pings every second; one silent this long is gone: abort its requests
+MAX_DROPPED_FRONTENDS = 1024  # identities remembered for EngineInfo.frontend_drops
+UNKNOWN_PEER_LOG_EVERY_S = 10.0  # at most one `scheduler.unknown_frontend` event this often
 IDLE_STATS_EVERY_S = 300.0  # an idle server still says it is alive, but rarely
 FLUSH_ON_EXIT_MS = 2000  # let the last deltas and Shutdowns leave before the sockets close
 
 
-class SchedulerLoop:
+class SchedulerLoop(WorkerLink):
     def __init__(self, config: ServerConfig):
         self.config = config
         self.ctx = zmq.Context()
@@ -55,13 +58,19 @@ class SchedulerLoop:
         self.worker_sock = make_router(self.ctx)
         self.encoder = msgspec.msgpack.Encoder()
         self.frontend_decoder = p.decoder_for(p.FrontendMessage)
-        self.worker_decoder = p.decoder_for(p.WorkerMessage)
-        self.frontends: set[bytes] = set()
+        self._init_worker_link()
+        # Known frontends (they said hello), identity -> monotonic seconds of their last message.
+        # Frames from any other peer are ignored: the socket takes frames only from known peers.
+        self.frontends: dict[bytes, float] = {}
+        self._unknown_frontend_logged = float("-inf")
+        self._frontend_drops: dict[bytes, int] = {}  # identity -> times declared gone (EngineInfo.frontend_drops)
+        self.scheduler_id = uuid.uuid4().hex[:12]
         self.workers = WorkerGroup(config.tensor_parallel_size)
         self.scheduler: Scheduler | None = None
         self.in_flight: p.StepPlan | None = None
         self._plan_timing = (0.0, 0.0)  # perf_counter seconds: the in-flight plan's schedule start, and its send
-        self.info = p.EngineInfo(ready=False, workers_expected=config.tensor_parallel_size)
+        self.info = p.EngineInfo(ready=False, workers_expected=config.tensor_parallel_size,
+                                 scheduler_id=self.scheduler_id)
         self._next_stats_at = time.monotonic() + config.stats_interval_s
         self.step_stats = StepStats()
         self.step_stats.sample(time.monotonic(), 0)  # rates count from start-up
@@ -96,6 +105,8 @@ class SchedulerLoop:
                 self._recv_all(self.worker_sock, self._on_worker)
             if self.frontend_sock in events:
                 self._recv_all(self.frontend_sock, self._on_frontend)
+            self._check_liveness()
+            self._check_frontends()
             if self._can_step() and self.scheduler.has_work():
                 self._start_step()
             if time.monotonic() >= self._next_stats_at:
@@ -165,13 +176,18 @@ class SchedulerLoop:
     def _on_frontend(self, ident: bytes, frame: bytes) -> None:
         try:
             msg = self.frontend_decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:
             log.error("scheduler.bad_frontend_frame", error=str(e))
             return
         if isinstance(msg, p.FrontendHello):
-            self.frontends.add(ident)
-            self._send_frontend(ident, self.info)
-        elif isinstance(msg, p.AddRequest):
+            self.frontends[ident] = time.monotonic()
+            self._send_frontend(ident, self._info_for(ident))
+            return
+        if ident not in self.frontends:
+            self._on_unknown_frontend(ident, msg)
+            return
+        self.frontends[ident] = time.monotonic()
+        if isinstance(msg, p.AddRequest):
             if self._drain_deadline is not None:
                 self._send_frontend(ident, p.RequestRejected(msg.request_id, p.ErrorCode.SHUTTING_DOWN.value,
                                                              "the server is shutting down"))
@@ -191,17 +207,45 @@ class SchedulerLoop:
         elif isinstance(msg, p.StatsQuery):
             self._send_frontend(ident, p.StatsResult(query_id=msg.query_id, stats=self.stats_reply()))
 
+    def _on_unknown_frontend(self, ident: bytes, msg) -> None:
+        """A frame from a peer that never said hello (or was declared gone): not acted on. A
+        live frontend pings every second, and its next `EngineInfo` makes it resubmit what it
+        holds if this scheduler is new to it (frontend/resubmit.py), so nothing is lost."""
+        now = time.monotonic()
+        if now - self._unknown_frontend_logged >= UNKNOWN_PEER_LOG_EVERY_S:
+            self._unknown_frontend_logged = now
+            log.warning("scheduler.unknown_frontend", frontend=ident.decode(errors="replace"),
+                        kind=type(msg).__name__)
+
     def _send_frontend(self, ident: bytes, msg) -> None:
         try:
             self.frontend_sock.send_multipart([ident, self.encoder.encode(msg)])
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
-            self.frontends.discard(ident)
-            # Its requests can no longer be answered: free their blocks. (Their finishing
-            # deltas go nowhere, which is fine: the frontend is gone.)
-            request_ids = self.scheduler.abort_frontend(ident) if self.scheduler is not None else []
-            log.warning("scheduler.frontend_gone", frontend=ident.decode(errors="replace"), request_ids=request_ids)
+            self._frontend_gone(ident, "unreachable")
+
+    def _info_for(self, ident: bytes) -> p.EngineInfo:
+        drops = self._frontend_drops.get(ident, 0)
+        return msgspec.structs.replace(self.info, frontend_drops=drops) if drops else self.info
+
+    def _frontend_gone(self, ident: bytes, cause: str) -> None:
+        """Its requests can no longer be answered: free their blocks. (Their finishing deltas
+        go nowhere.) Should it come back (it was only paused), `EngineInfo.frontend_drops`
+        tells it to resubmit them."""
+        self.frontends.pop(ident, None)
+        if len(self._frontend_drops) >= MAX_DROPPED_FRONTENDS:
+            self._frontend_drops.clear()  # forgetting costs a paused frontend its requests, nothing else
+        self._frontend_drops[ident] = self._frontend_drops.get(ident, 0) + 1
+        request_ids = self.scheduler.abort_frontend(ident) if self.scheduler is not None else []
+        log.warning("scheduler.frontend_gone", frontend=ident.decode(errors="replace"), request_ids=request_ids,
+                    cause=cause)
+
+    def _check_frontends(self) -> None:
+        now = time.monotonic()
+        for ident, seen in list(self.frontends.items()):
+            if now - seen > FRONTEND_SILENCE_S:
+                self._frontend_gone(ident, "silent")
 
     def _send_deltas(self, outputs: list[tuple[bytes, p.TokenDelta]]) -> None:
         by_frontend: dict[bytes, list[p.TokenDelta]] = collections.defaultdict(list)
@@ -210,89 +254,13 @@ class SchedulerLoop:
         for ident, deltas in by_frontend.items():
             self._send_frontend(ident, p.EngineOutputs(deltas=deltas))
 
-    # -- workers ------------------------------------------------------------------
+    # -- workers (handshake, results, liveness, recovery: scheduler/worker_link.py) ------
     def _can_step(self) -> bool:
-        return self.scheduler is not None and self.in_flight is None and not self.workers.failed
+        return self.scheduler is not None and self.in_flight is None and self.workers.complete
 
-    def _on_worker(self, ident: bytes, frame: bytes) -> None:
-        try:
-            msg = self.worker_decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            log.error("scheduler.bad_worker_frame", error=str(e))
-            return
-        if isinstance(msg, p.WorkerHello):
-            self._on_hello(ident, msg)
-        elif isinstance(msg, p.StepResult):
-            if self.workers.rank_of(ident) != 0:  # only rank 0 answers; anything else is a stray
-                log.error("scheduler.unexpected_result", step_id=msg.step_id, rank=self.workers.rank_of(ident))
-                return
-            plan, self.in_flight = self.in_flight, None
-            if plan is None or plan.step_id != msg.step_id:
-                log.error("scheduler.unexpected_result", step_id=msg.step_id, rank=0)
-                return
-            received = time.perf_counter()
-            self.step_stats.on_result(msg)
-            self._send_deltas(self.scheduler.update(plan, msg))
-            started, sent = self._plan_timing
-            self.step_stats.on_step_timing(plan, msg, schedule_s=sent - started, round_trip_s=received - sent,
-                                           update_s=time.perf_counter() - received)
-        elif isinstance(msg, p.WorkerError):
-            self._on_group_failure(self.workers.rank_of(ident), msg.step_id, msg.message)
-
-    def _on_group_failure(self, rank: int | None, step_id: int, error: str) -> None:
-        """A rank failed `step_id` (its peers usually follow, failing the same step). Fail that
-        step's requests if it is the one in flight; then stop planning for the group."""
-        plan = self.in_flight
-        outputs = []
-        if plan is not None and plan.step_id == step_id and self.scheduler is not None:
-            self.in_flight = None
-            outputs = self.scheduler.fail_step(plan)
-        log.error("scheduler.worker_error", rank=rank, step_id=step_id, error=error,
-                  request_ids=sorted({delta.request_id for _, delta in outputs}))
-        self._send_deltas(outputs)
-        if not self.workers.failed:
-            self.workers.failed = True
-            log.error("scheduler.worker_group_failed", rank=rank, step_id=step_id,
-                      workers=self.config.tensor_parallel_size)
-            self.notifier.status(f"worker group failed (rank {rank}); waiting for a restart")
-
-    def _on_hello(self, ident: bytes, hello: p.WorkerHello) -> None:
-        refusal = self.workers.refusal(hello)
-        if refusal is not None:
-            log.error("scheduler.worker_rejected", rank=hello.rank, world_size=hello.world_size,
-                      expected=self.config.tensor_parallel_size, reason=refusal)
-            self._send_worker(ident, p.Shutdown(reason=refusal))
-            return
-        if self.scheduler is not None:
-            # Recovery of a restarted worker (re-sending full state) is the fault-tolerance issue's.
-            log.error("scheduler.worker_rejoined_unsupported", rank=hello.rank)
-            self._send_worker(ident, p.Shutdown(reason="the scheduler cannot take a worker back yet: "
-                                                       "restart the scheduler"))
-            return
-        self.workers.join(ident, hello)
-        self._send_worker(ident, p.HelloAck(rank=hello.rank))
-        log.info("scheduler.worker_joined", rank=hello.rank, device_blocks=hello.num_device_blocks,
-                 block_size=hello.block_size, max_model_len=hello.max_model_len,
-                 workers_joined=len(self.workers.members), workers_expected=self.workers.size)
-        if self.workers.complete:
-            self._start_scheduler()
-
-    def _start_scheduler(self) -> None:
-        """Every rank joined: size the pools by the smallest rank's capacity."""
-        first, cap = self.workers.first_hello(), self.workers.capacity()
-        self.scheduler = Scheduler(self.config, num_device_blocks=cap.num_device_blocks,
-                                   block_size=first.block_size, max_model_len=cap.max_model_len,
-                                   vocab_size=first.vocab_size, eos_token_ids=first.eos_token_ids,
-                                   num_host_blocks=cap.num_host_blocks)
-        self.info = p.EngineInfo(ready=True, model=first.model, max_model_len=cap.max_model_len,
-                                 vocab_size=first.vocab_size, eos_token_ids=first.eos_token_ids,
-                                 block_size=first.block_size, num_device_blocks=cap.num_device_blocks,
-                                 workers_ready=self.workers.size, workers_expected=self.workers.size)
-        log.info("scheduler.ready", kv_blocks=cap.num_device_blocks, host_blocks=cap.num_host_blocks,
-                 block_size=first.block_size, max_model_len=cap.max_model_len, workers=self.workers.size)
-        self.notifier.status(f"ready: {self.workers.size} worker(s), {cap.num_device_blocks} KV blocks")
+    def _announce_info(self) -> None:
         for ident in list(self.frontends):
-            self._send_frontend(ident, self.info)
+            self._send_frontend(ident, self._info_for(ident))
 
     def _start_step(self) -> None:
         started = time.perf_counter()
@@ -309,8 +277,11 @@ class SchedulerLoop:
             except zmq.ZMQError as e:
                 if e.errno != zmq.EHOSTUNREACH:
                     raise
-                # The ranks that got the plan fail it too, in their first collective.
-                self._on_group_failure(rank, plan.step_id, f"rank {rank} cannot be reached")
+                if self.workers.size > 1:  # the ranks that got the plan fail it, in their first collective
+                    self._fail_group(rank, "unreachable", failed_step=plan.step_id,
+                                     error=f"rank {rank} cannot be reached")
+                else:  # the only rank never got it: recompute, fail nothing, suspect nobody
+                    self._fail_group(rank, "unreachable", delivered=False)
                 return
 
     # -- visibility ---------------------------------------------------------------

@@ -14,6 +14,7 @@ from operator import attrgetter
 from typing import Literal
 
 from scheduler.block_manager import BlockManager, BlockPairs
+from scheduler.isolation import Isolation
 from scheduler.seq_queue import SeqQueue
 from scheduler.sequence import Sequence, SeqStatus
 
@@ -62,6 +63,11 @@ class BatchPolicy:
     only once none is left swapped, waiting ones are admitted. Admissions and
     swap-ins keep the watermark free unless nothing else runs.
 
+    After a worker failure the sequences of the step in flight are suspects
+    (scheduler/isolation.py): while one is runnable, each step runs it alone
+    (others keep their blocks and wait, and are preempted only for the blocks or
+    the seat it needs) until it samples a token.
+
     Progress: admission guarantees each sequence fits the whole cache on its
     own, and the best running sequence is never its own victim, so it always
     gets its chunk; the heads of the swapped and waiting queues are overtaken
@@ -87,12 +93,16 @@ class BatchPolicy:
         self.running: list[Sequence] = []
         self.waiting = SeqQueue()
         self.swapped = SeqQueue()
+        self.isolation = Isolation()
 
     def enqueue(self, seq: Sequence) -> None:
         self.waiting.push(seq)
 
     def schedule_next_batch(self) -> Batch:
         batch = Batch()
+        suspect = self.isolation.next_suspect()
+        if suspect is not None and self._run_alone(suspect, batch):
+            return batch
         token_budget = self._schedule_running(batch, self.max_num_batched_tokens)
         # Preempting means memory ran out this step: bringing anyone in now
         # would only evict someone else at the next block boundary.
@@ -106,6 +116,44 @@ class BatchPolicy:
             self.running.extend(joined)
             self.running.sort(key=_policy_order)
         return batch
+
+    def _run_alone(self, seq: Sequence, batch: Batch) -> bool:
+        """`seq`'s next chunk is the whole step; False if it has none (then the step is a
+        normal one). Admission checked that it fits the cache on its own, so evicting the
+        others always makes room."""
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens
+        running = seq.status is SeqStatus.RUNNING
+        num_tokens = self._chunk(seq.compute_limit - (seq.num_computed_tokens if running else 0), budget)
+        if num_tokens <= 0:
+            return False
+        if running:
+            self._evict_for(seq, lambda: bm.can_append(seq.seq_id, num_tokens), batch)
+            new_blocks, copy = bm.append_slots(seq.seq_id, num_tokens)
+            if copy is not None:
+                batch.copy.append(copy)
+                batch.rebuilt.append(seq)
+            batch.scheduled.append((seq, num_tokens, new_blocks))
+            return True
+        seats = 1 + len(seq.children)
+        self._evict_for(seq, lambda: bm.can_allocate(num_tokens) and (
+            sum(1 + len(other.children) for other in self.running) + seats <= self.max_num_seqs), batch)
+        self.waiting.remove(seq)
+        seq.block_table = bm.allocate(seq.seq_id, num_tokens)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.RUNNING
+        batch.admitted.append(seq)
+        batch.scheduled.append((seq, num_tokens, []))
+        self.running.append(seq)
+        self.running.sort(key=_policy_order)
+        return True
+
+    def _evict_for(self, seq: Sequence, fits: Callable[[], bool], batch: Batch) -> None:
+        """Preempt running sequences other than `seq`, worst first, until `fits()`."""
+        while not fits():
+            victim = next(other for other in reversed(self.running) if other is not seq)
+            self.running.remove(victim)
+            self._preempt(victim, "isolation", batch)
 
     def _chunk(self, remaining: int, token_budget: int) -> int:
         """Tokens to compute of `remaining`; 0 when they must wait for a bigger budget."""

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from scheduler.admission import Limits, Rejected, check_request
 from scheduler.block_manager import BlockManager
+from scheduler.invariants import check_scheduler_invariants
 from scheduler.policy import BatchPolicy
 from scheduler.sequence import Request, Sequence, SeqStatus
 from shared.config import ServerConfig
@@ -64,6 +65,7 @@ class Scheduler:
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(max_model_len, 2048)
+        self.max_waiting = config.max_waiting  # sequences queued for admission, preempted ones included
         self.block_manager = BlockManager(num_device_blocks, block_size, num_host_blocks=num_host_blocks,
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.policy = BatchPolicy(
@@ -91,7 +93,13 @@ class Scheduler:
         try:
             if msg.request_id in self._requests:
                 raise Rejected(ErrorCode.INVALID_REQUEST, f"request id {msg.request_id!r} is already in flight")
+            if len(self.policy.waiting) >= self.max_waiting:  # backpressure: a bounded queue, never silence
+                raise Rejected(ErrorCode.OVERLOADED, f"{len(self.policy.waiting)} sequences are waiting already "
+                                                     f"(max_waiting {self.max_waiting}): retry later")
             max_tokens = check_request(msg, self._limits)
+            if len(msg.output_token_ids) > msg.params.n or any(len(t) >= max_tokens for t in msg.output_token_ids):
+                raise Rejected(ErrorCode.INVALID_REQUEST, "output_token_ids: more outputs than n, or one that "
+                                                          "already reached max_tokens")
         except Rejected as r:
             self._counters["requests_rejected"] += 1
             _log.info("request.rejected", request_id=msg.request_id, code=r.code.value, reason=r.message)
@@ -111,13 +119,24 @@ class Scheduler:
             max_tokens=max_tokens,
             stop_token_ids=frozenset(stop_ids),
         )
+        resumed, done = msg.output_token_ids, set(msg.finished_outputs)
         for index in range(params.n):
-            seq = Sequence(self._next_seq_id, request, index, list(msg.prompt_token_ids))
+            generated = resumed[index] if index < len(resumed) else []
+            seq = Sequence(self._next_seq_id, request, index, list(msg.prompt_token_ids) + list(generated))
             self._next_seq_id += 1
             request.seqs.append(seq)
+            if index in done:  # ended before a scheduler restart: nothing to run
+                seq.status = SeqStatus.FINISHED
+                continue
             self._seqs[seq.seq_id] = seq
         parent = request.seqs[0]
-        if params.n > 1 and request.prompt_len > 1:
+        if request.is_finished():
+            return None
+        if any(resumed) or done:  # a resubmission: each output goes on from its own tokens
+            for seq in request.seqs:
+                if seq.status is not SeqStatus.FINISHED:
+                    self.policy.enqueue(seq)
+        elif params.n > 1 and request.prompt_len > 1:
             # One prompt prefill for all n outputs: the others fork from output 0.
             parent.children = request.seqs[1:]
             for child in parent.children:
@@ -252,6 +271,8 @@ class Scheduler:
                 raise ValueError(f"step {plan.step_id}: sequence {seq.seq_id} sampled {token}, outside the vocabulary")
             seq.token_ids.append(token)
             self._counters["tokens_generated"] += 1
+            if seq.crashes:
+                self.policy.isolation.clear(seq)
             delta = TokenDelta(seq.request_id, seq.output_index, [token])
             _attach_logprobs(delta, result, i)
             reason = self._finish_reason(seq, token)
@@ -274,17 +295,25 @@ class Scheduler:
         failed = dict.fromkeys(self._seqs[w.seq_id].request_id for w in plan.scheduled if w.seq_id in self._seqs)
         return self.abort(failed, FinishReason.ERROR.value)
 
-    def on_worker_restart(self) -> None:
+    def on_worker_restart(self, crashed: StepPlan | None = None) -> list[tuple[bytes, TokenDelta]]:
         """The worker lost its state (it restarted or reconnected): forget the
         step in flight and preempt every running sequence by recompute, so the
         next plans resend everything as `NewSeq`s; swapped sequences recompute
         too and the prefix cache is forgotten (both caches died with the
-        worker). Nothing is lost."""
+        worker). Nothing is lost, but: `crashed` is the step in flight when the
+        worker died or hung, whose sequences become suspects; a request with one
+        at the crash limit finishes with "error" (scheduler/isolation.py). Returns
+        those finishing deltas."""
+        convicted = []
+        if crashed is not None:
+            in_flight = [self._seqs[work.seq_id] for work in crashed.scheduled if work.seq_id in self._seqs]
+            convicted = self.policy.isolation.blame(in_flight)
         self._in_flight = None
         self.policy.preempt_all(cause="worker_restart")
         for seq in self._seqs.values():
             seq.on_worker = False
         self._to_drop = []  # a fresh worker holds nothing to drop
+        return self.abort(dict.fromkeys(seq.request_id for seq in convicted), FinishReason.ERROR.value)
 
     # -- internals -----------------------------------------------------------
 
@@ -368,38 +397,8 @@ class Scheduler:
         }
 
     def check_invariants(self) -> None:
-        """O(everything): for tests. Between steps (no plan in flight), every
-        running sequence has KV for exactly its computed tokens, at least one
-        token short of all it knows (the last sampled one, or a prefill chunk)."""
-        self.block_manager.check_invariants()
-        policy = self.policy
-        running, waiting, swapped = policy.running, list(policy.waiting), list(policy.swapped)
-        pending = [child for seq in self._seqs.values() for child in seq.children]
-        if running != sorted(running, key=lambda s: s.sort_key):
-            raise AssertionError("running is out of policy order")
-        ids = [s.seq_id for s in running + waiting + swapped + pending]
-        if len(ids) != len(self._seqs) or set(ids) != self._seqs.keys():
-            raise AssertionError("running + waiting + swapped + fork-pending disagree with the unfinished sequences")
-        bm = self.block_manager
-        for seq in running:
-            if seq.status is not SeqStatus.RUNNING or seq.block_table is not bm.block_table(seq.seq_id):
-                raise AssertionError(f"running sequence {seq.seq_id} has status {seq.status} or a stale table")
-            slots = bm.num_slots(seq.seq_id)
-            if self._in_flight is None and not (slots == seq.num_computed_tokens < seq.compute_limit or
-                                                slots == seq.num_computed_tokens == seq.num_tokens - 1):
-                raise AssertionError(f"running sequence {seq.seq_id}: {seq.num_computed_tokens} of {seq.num_tokens} "
-                                     f"tokens computed, {slots} slots")
-        for seq in swapped:
-            if seq.status is not SeqStatus.SWAPPED or not bm.is_swapped(seq.seq_id) or seq.on_worker:
-                raise AssertionError(f"swapped sequence {seq.seq_id} has status {seq.status} or no host table")
-            if bm.num_slots(seq.seq_id) != seq.num_computed_tokens:
-                raise AssertionError(f"swapped sequence {seq.seq_id} lost track of its computed tokens")
-        for seq in waiting + pending:
-            expected = SeqStatus.WAITING if seq in waiting else SeqStatus.FORK_PENDING
-            if seq.status is not expected or seq.block_table or bm.has_table(seq.seq_id) or bm.is_swapped(seq.seq_id):
-                raise AssertionError(f"sequence {seq.seq_id} holds blocks or has status {seq.status}")
-            if seq.num_computed_tokens != 0 or seq.on_worker:
-                raise AssertionError(f"waiting sequence {seq.seq_id} is computed or on the worker")
+        """O(everything): for tests (scheduler/invariants.py says what is checked)."""
+        check_scheduler_invariants(self, self._seqs, self._in_flight)
 
 
 def _attach_logprobs(delta: TokenDelta, result: StepResult, i: int) -> None:

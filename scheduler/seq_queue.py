@@ -33,6 +33,11 @@ class SeqQueue:
     def pop(self) -> Sequence:
         return heapq.heappop(self._heap)[1]
 
+    def remove(self, seq: Sequence) -> None:
+        """O(n): only to run a suspect alone after a worker failure (scheduler/isolation.py)."""
+        self._heap = [entry for entry in self._heap if entry[1] is not seq]
+        heapq.heapify(self._heap)
+
     def remove_finished(self) -> None:
         """O(n): only after aborts, never per step."""
         self._heap = [entry for entry in self._heap if entry[1].status is not SeqStatus.FINISHED]

@@ -60,6 +60,8 @@ class Sequence:
     `block_table` is the BlockManager's live table for this sequence (read it,
     never change it); empty while the sequence holds no blocks.
 
+    `crashes` > 0 makes it a suspect, run alone until it samples a token.
+
     `on_worker` is True between the step that sends this sequence as a
     `NewSeq` and the step whose `finished_seq_ids` tells the worker to drop it.
     """
@@ -74,6 +76,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     on_worker: bool = False
     children: list[Sequence] = field(default_factory=list)
+    crashes: int = 0  # worker failures in a row with this sequence in flight (scheduler/isolation.py)
     # Policy order, best first: priority, then arrival; the scheduler assigns
     # seq ids in arrival order, so the id breaks ties deterministically.
     sort_key: tuple[int, float, int] = field(init=False)

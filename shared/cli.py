@@ -4,6 +4,7 @@
     pagedserve scheduler  | worker | frontend   one role (same flags as serve)
     pagedserve generate --server ADDR "prompt"  stream an answer through the SDK
     pagedserve stats --server ADDR             health and live counters, as a table
+    pagedserve keygen DIR [--name NAME]        a CURVE key pair for the client endpoint or a client
     pagedserve bench throughput|serve          benchmarks against peers (bench/cli.py)
 
 Settings come from `--config FILE` (TOML, keys = ServerConfig field names), then
@@ -62,8 +63,16 @@ HELP = {
     "stats_interval_s": "seconds between scheduler.stats events",
     "log_level": "debug, info, warning or error",
     "drain_timeout_s": "on SIGTERM, seconds in-flight requests get to finish before they are aborted",
+    "heartbeat_timeout_s": "seconds a worker may stay silent (one step included) before the scheduler counts "
+                           "it dead or hung and requeues its sequences for recompute (default 30)",
+    "max_waiting": "requests waiting for admission at most; past it new requests get 'overloaded' (default 4096)",
+    "max_client_requests": "requests in flight per client connection at most; past it that client's new requests "
+                           "get 'overloaded', so one client's flood cannot fill the queue for others (default 1024)",
+    "curve_secret_key_file": "CURVE on the client endpoint: the frontend's .key_secret file (pagedserve keygen); "
+                             "needs --curve-clients-dir",
+    "curve_clients_dir": "CURVE: directory of the public .key files of the clients allowed to connect",
 }
-ALIASES = {"drain_timeout_s": ["--drain-timeout"]}
+ALIASES = {"drain_timeout_s": ["--drain-timeout"], "heartbeat_timeout_s": ["--heartbeat-timeout"]}
 
 
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--server", default="tcp://127.0.0.1:8765")
     st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply")
     st.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    kg = sub.add_parser("keygen", help="write a CURVE key pair: NAME.key (public) and NAME.key_secret (0600)")
+    kg.add_argument("directory")
+    kg.add_argument("--name", default="server", help="file name stem (default: server)")
     return parser
 
 
@@ -124,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         from shared.stats_cmd import run_stats
 
         return run_stats(args)
+    if args.command == "keygen":
+        from shared.curve import run_keygen
+
+        return run_keygen(args)
     config = config_from_args(args)
     from shared.logging import configure_logging, get_logger
 

@@ -5,10 +5,12 @@
         for d in c.stream("Once upon a time", params): print(d.text, end="")
 
 Every failure a request can meet surfaces as `RequestError` with a stable `.code`
-(see `shared.protocol.ErrorCode`). Leaving a stream early, `abort(request_id)`, or closing
+(see `shared.protocol.ErrorCode`); a frontend that dies fails the requests in flight with
+`unavailable` within `liveness_timeout`, and later requests reach it once it is back. Leaving a stream early, `abort(request_id)`, or closing
 the client (even by the process dying) frees the request's server-side blocks: the frontend
 probes its clients about once a second and aborts the requests of one that went away. A `Client` is not thread-safe (one ZeroMQ
-socket); use one per thread, or one `AsyncClient` for many concurrent requests.
+socket); use one per thread, or one `AsyncClient` for many concurrent requests. With CURVE on the
+server, pass `curve=CurveKeys.load(my.key_secret, server.key)` (shared/curve.py).
 """
 
 from __future__ import annotations
@@ -24,11 +26,20 @@ import zmq
 import zmq.asyncio
 
 from shared import protocol as p
-from shared.ipc import make_dealer
+from shared.curve import CurveKeys
+from shared.ipc import MAX_FRAME_BYTES, make_dealer
 from shared.protocol import ChatMessage, Completion, Delta, ErrorCode, SamplingParams
 
 DEFAULT_TIMEOUT_S = 600.0  # no message for a request this long -> "unavailable"
 CONTROL_TIMEOUT_S = 10.0  # health and stats
+# The frontend sends a KeepAlive every second to each client with requests in flight: nothing at
+# all from it for this long means it died (or the network did). Requests in flight then fail with
+# "unavailable"; the socket reconnects by itself, so new requests reach a restarted frontend.
+DEFAULT_LIVENESS_TIMEOUT_S = 10.0
+_LIVENESS_POLL_S = 0.5
+# A socket has no peer to queue for only when the server refused the connection (a CURVE key it
+# does not allow, or plaintext to a CURVE server): ZeroMQ then stops reconnecting.
+_NO_PEER = "cannot reach {}: the connection was refused (CURVE keys?)"
 
 
 class RequestError(Exception):
@@ -39,6 +50,16 @@ class RequestError(Exception):
         self.code = code
         self.message = message
         self.request_id = request_id
+
+
+def _bounded_frame(encoder: msgspec.msgpack.Encoder, msg) -> bytes:
+    """`msg` encoded; a frame the server would refuse (ZMQ_MAXMSGSIZE closes the connection
+    without a word) is refused here instead, with a typed error."""
+    frame = encoder.encode(msg)
+    if len(frame) > MAX_FRAME_BYTES:
+        raise RequestError(ErrorCode.INVALID_REQUEST.value, f"the request is {len(frame)} bytes encoded; the server "
+                           f"takes frames of at most {MAX_FRAME_BYTES} bytes", getattr(msg, "request_id", None))
+    return frame
 
 
 def _new_id() -> str:
@@ -111,43 +132,70 @@ class AsyncStream(_Stream):
 
 
 class _Base:
-    def __init__(self, address: str, *, timeout: float | None = DEFAULT_TIMEOUT_S):
+    def __init__(self, address: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
+                 liveness_timeout: float | None = DEFAULT_LIVENESS_TIMEOUT_S):
         self.address = address
         self.timeout = timeout
+        self.liveness_timeout = liveness_timeout
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = p.decoder_for(p.ServerMessage)
+        self._last_heard = 0.0  # monotonic seconds: the last message from the server
+        self._sent_at: dict[str, float] = {}  # request id -> when it was sent
+
+    def _check_alive(self, rid: str) -> None:
+        """Raise `unavailable` when the server has said nothing, not even a KeepAlive, for
+        liveness_timeout since this request was sent."""
+        if self.liveness_timeout is None:
+            return
+        heard = max(self._last_heard, self._sent_at.get(rid, 0.0))
+        if time.monotonic() - heard > self.liveness_timeout:
+            raise RequestError(ErrorCode.UNAVAILABLE.value,
+                               f"lost the server at {self.address}: nothing from it for {self.liveness_timeout} s",
+                               rid)
 
 
 class Client(_Base):
     """Blocking client. Methods mirror `AsyncClient`."""
 
-    def __init__(self, address: str, *, timeout: float | None = DEFAULT_TIMEOUT_S):
-        super().__init__(address, timeout=timeout)
+    def __init__(self, address: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
+                 liveness_timeout: float | None = DEFAULT_LIVENESS_TIMEOUT_S, curve: CurveKeys | None = None):
+        super().__init__(address, timeout=timeout, liveness_timeout=liveness_timeout)
         self._ctx = zmq.Context()
         self._sock = make_dealer(self._ctx)
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.connect(address)
         self._inbox: dict[str, collections.deque] = {}
 
     # -- plumbing ---------------------------------------------------------
     def _send(self, msg) -> None:
+        frame = _bounded_frame(self._encoder, msg)
         self._inbox.setdefault(msg.request_id, collections.deque())
-        self._sock.send(self._encoder.encode(msg), copy=False)
+        self._sent_at[msg.request_id] = time.monotonic()
+        try:  # never blocks while connected (unbounded queue); a socket with no peer at all raises
+            self._sock.send(frame, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise RequestError(ErrorCode.UNAVAILABLE.value, _NO_PEER.format(self.address), msg.request_id) from None
 
     def _next_for(self, rid: str, timeout: float | None) -> p.ServerMessage:
         box = self._inbox.setdefault(rid, collections.deque())
         deadline = None if timeout is None else time.monotonic() + timeout
         while not box:
-            wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            if wait_ms == 0 or not self._sock.poll(wait_ms):
+            wait_s = _LIVENESS_POLL_S if deadline is None else min(_LIVENESS_POLL_S, deadline - time.monotonic())
+            if wait_s <= 0:
                 raise RequestError(ErrorCode.UNAVAILABLE.value,
                                    f"no reply from {self.address} within {timeout} s", rid)
-            self._route(self._sock.recv())
+            if self._sock.poll(int(wait_s * 1000)):
+                self._route(self._sock.recv())
+            elif not box:
+                self._check_alive(rid)
         return box.popleft()
 
     def _route(self, frame: bytes) -> None:
+        self._last_heard = time.monotonic()
         try:
             msg = self._decoder.decode(frame)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             return  # a newer server's message kind: ignore rather than fail every request
         if isinstance(msg, p.KeepAlive):
             return  # the server's connection probe: nothing to deliver
@@ -157,8 +205,12 @@ class Client(_Base):
 
     def _forget(self, rid: str, *, abort: bool) -> None:
         self._inbox.pop(rid, None)
+        self._sent_at.pop(rid, None)
         if abort and not self._sock.closed:
-            self._sock.send(self._encoder.encode(p.Abort(request_id=rid)))
+            try:
+                self._sock.send(self._encoder.encode(p.Abort(request_id=rid)), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # no server to tell
 
     def _call(self, msg, timeout: float | None):
         self._send(msg)
@@ -166,6 +218,7 @@ class Client(_Base):
             reply = self._next_for(msg.request_id, timeout)
         finally:
             self._inbox.pop(msg.request_id, None)
+            self._sent_at.pop(msg.request_id, None)
         _raise_if_error(reply)
         return reply
 
@@ -230,10 +283,13 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio client: any number of concurrent requests over one socket."""
 
-    def __init__(self, address: str, *, timeout: float | None = DEFAULT_TIMEOUT_S):
-        super().__init__(address, timeout=timeout)
+    def __init__(self, address: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
+                 liveness_timeout: float | None = DEFAULT_LIVENESS_TIMEOUT_S, curve: CurveKeys | None = None):
+        super().__init__(address, timeout=timeout, liveness_timeout=liveness_timeout)
         self._ctx = zmq.asyncio.Context()
         self._sock = make_dealer(self._ctx)
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.connect(address)
         self._queues: dict[str, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
@@ -248,9 +304,10 @@ class AsyncClient(_Base):
     async def _read_loop(self) -> None:
         while True:
             frame = await self._sock.recv()
+            self._last_heard = time.monotonic()
             try:
                 msg = self._decoder.decode(frame)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError):
                 continue
             if isinstance(msg, p.KeepAlive):
                 continue  # the server's connection probe: nothing to deliver
@@ -259,19 +316,35 @@ class AsyncClient(_Base):
                 queue.put_nowait(msg)
 
     async def _send(self, msg) -> None:
-        await self._sock.send(self._encoder.encode(msg))
+        frame = _bounded_frame(self._encoder, msg)
+        if not isinstance(msg, p.Abort):
+            self._sent_at[msg.request_id] = time.monotonic()
+        try:
+            await self._sock.send(frame, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise RequestError(ErrorCode.UNAVAILABLE.value, _NO_PEER.format(self.address), msg.request_id) from None
 
     async def _next_for(self, queue: asyncio.Queue, rid: str, timeout: float | None):
-        try:
-            return await asyncio.wait_for(queue.get(), timeout)
-        except asyncio.TimeoutError:
-            raise RequestError(ErrorCode.UNAVAILABLE.value,
-                               f"no reply from {self.address} within {timeout} s", rid) from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while queue.empty():
+            wait_s = _LIVENESS_POLL_S if deadline is None else min(_LIVENESS_POLL_S, deadline - time.monotonic())
+            if wait_s <= 0:
+                raise RequestError(ErrorCode.UNAVAILABLE.value,
+                                   f"no reply from {self.address} within {timeout} s", rid)
+            try:
+                return await asyncio.wait_for(queue.get(), wait_s)
+            except asyncio.TimeoutError:
+                self._check_alive(rid)
+        return queue.get_nowait()
 
     async def _close(self, rid: str, *, abort: bool) -> None:
         self._queues.pop(rid, None)
+        self._sent_at.pop(rid, None)
         if abort and not self._sock.closed:
-            await self._send(p.Abort(request_id=rid))
+            try:
+                await self._send(p.Abort(request_id=rid))
+            except RequestError:
+                pass  # no server to tell
 
     async def _call(self, msg, timeout: float | None):
         queue = self._open(msg.request_id)
@@ -280,6 +353,7 @@ class AsyncClient(_Base):
             reply = await self._next_for(queue, msg.request_id, timeout)
         finally:
             self._queues.pop(msg.request_id, None)
+            self._sent_at.pop(msg.request_id, None)
         _raise_if_error(reply)
         return reply
 

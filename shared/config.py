@@ -60,6 +60,15 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_level: str = "info"
     drain_timeout_s: float = 30.0  # SIGTERM: seconds in-flight requests get to finish before they are aborted
 
+    # failures (docs/fault_tolerance.md)
+    heartbeat_timeout_s: float = 30.0  # a worker silent this long (a step included) counts as dead or hung
+    max_waiting: int = 4096  # requests queued for admission at most; past it a new one is refused "overloaded"
+    max_client_requests: int = 1024  # requests in flight per client connection; past it that client gets "overloaded"
+
+    # security (shared/curve.py): CURVE on the client endpoint, both or neither
+    curve_secret_key_file: str = ""  # the frontend's .key_secret file (pagedserve keygen)
+    curve_clients_dir: str = ""  # directory of the allowed clients' public .key files
+
     def resolved_run_dir(self) -> str:
         return self.run_dir or default_run_dir()
 
@@ -110,6 +119,14 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if not self.heartbeat_timeout_s > 0:
+            raise ValueError(f"heartbeat_timeout_s must be > 0, got {self.heartbeat_timeout_s}")
+        if bool(self.curve_secret_key_file) != bool(self.curve_clients_dir):
+            raise ValueError("curve_secret_key_file and curve_clients_dir go together: set both or neither")
+        if self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+        if self.max_client_requests < 1:
+            raise ValueError(f"max_client_requests must be >= 1, got {self.max_client_requests}")
         if self.stats_interval_s <= 0:
             raise ValueError(f"stats_interval_s must be > 0, got {self.stats_interval_s}")
         if self.log_level not in ("debug", "info", "warning", "error"):

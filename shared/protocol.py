@@ -284,17 +284,26 @@ class _Internal(Struct, array_like=True, omit_defaults=True, tag=True):
 
 
 class FrontendHello(_Internal, tag="fe_hello"):
-    """Sent on connect (and again after a scheduler restart): asks for `EngineInfo`."""
+    """Sent every second: asks for `EngineInfo`. It doubles as the heartbeat both ways: the
+    scheduler aborts the requests of a frontend silent for long, and the frontend learns from
+    `EngineInfo.scheduler_id` that the scheduler restarted."""
 
     frontend_id: str
 
 
 class AddRequest(_Internal, tag="add"):
+    """A request, or (after a scheduler restart) the rest of one: `output_token_ids[i]` are the
+    tokens output i already generated and streamed (the new scheduler continues after them:
+    they count towards max_tokens and seeded sampling's token index), and `finished_outputs`
+    are outputs that ended already. Resubmissions use a new request id (see frontend/resubmit.py)."""
+
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
     priority: int = 0
+    output_token_ids: list[list[int]] = field(default_factory=list)
+    finished_outputs: list[int] = field(default_factory=list)
 
 
 class AbortRequests(_Internal, tag="abort"):
@@ -324,6 +333,10 @@ class EngineInfo(_Internal, tag="engine_info"):
     num_device_blocks: int = 0
     workers_ready: int = 0
     workers_expected: int = 0
+    scheduler_id: str = ""  # one per scheduler process: a new one means its state is gone
+    # Times this scheduler declared the receiving frontend gone (silent, or unreachable) and aborted
+    # its requests: a change tells a frontend that was only paused to resubmit what it holds.
+    frontend_drops: int = 0
 
 
 class TokenDelta(_Internal, tag="td"):
@@ -436,7 +449,16 @@ class HelloAck(_Internal, tag="w_ack"):
     rank: int
 
 
-PlanMessage = Union[StepPlan, Shutdown, HelloAck]
+class Rejoin(_Internal, tag="w_rejoin"):
+    """The scheduler no longer counts this worker as a member of its group (it was declared
+    dead or hung, or the scheduler restarted): forget every sequence and send `WorkerHello`
+    again. A tensor-parallel rank exits instead (75, EX_TEMPFAIL), because its torch.distributed
+    group must be re-created with its peers'."""
+
+    reason: str = ""
+
+
+PlanMessage = Union[StepPlan, Shutdown, HelloAck, Rejoin]
 
 
 class StepResult(_Internal, tag="result"):
@@ -464,7 +486,14 @@ class WorkerError(_Internal, tag="w_error"):
     message: str
 
 
-WorkerMessage = Union[WorkerHello, StepResult, WorkerError]
+class Heartbeat(_Internal, tag="w_beat"):
+    """A worker says it is alive when it has sent nothing for min(1 s, heartbeat_timeout_s / 4).
+    A step is synchronous (no beats during it), so a step that outlasts the timeout reads as a hang."""
+
+    rank: int
+
+
+WorkerMessage = Union[WorkerHello, StepResult, WorkerError, Heartbeat]
 
 
 # --------------------------------------------------------------------------

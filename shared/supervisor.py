@@ -4,9 +4,17 @@ For a laptop, CI and demos. Under systemd each role is its own unit instead.
 With --tensor-parallel-size N it starts N workers, ranks 0 .. N-1, on this host: their
 rendezvous is a free loopback port unless --dist-init-addr is given, and with --device cuda
 rank r drives the r-th visible GPU (cuda:r).
-Children inherit stdout, so all JSON events arrive on one stream. A child that
-dies takes the whole server down with a non-zero exit (recovering a role in
-place belongs to the fault-tolerance work).
+Children inherit stdout, so all JSON events arrive on one stream.
+
+A child that dies is restarted (docs/fault_tolerance.md), after a back-off that
+doubles with each restart in the last RESTART_WINDOW_S: the other roles recover
+around it (a worker's sequences are recomputed, a restarted scheduler is sent the
+frontend's requests again). With tensor parallelism the whole worker group
+restarts when one rank dies. Exceptions, which stop the server with exit 1: a
+child that dies in its first run before it ever said READY=1 (a start-up error:
+restarting would repeat it), and a crash loop (MAX_RESTARTS within the window).
+Readiness comes over the notify protocol: each child gets its own NOTIFY_SOCKET
+(shared/children.py), as systemd would give it.
 
 Stopping (SIGTERM or SIGINT) is ordered so in-flight requests really finish:
 1. the frontend: it refuses new requests (`shutting_down`) and waits for its
@@ -25,7 +33,6 @@ SIGKILL, the kernel sends each child SIGTERM (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -34,6 +41,7 @@ import subprocess
 import tempfile
 import time
 
+from shared.children import MAX_RESTARTS, Child, Children
 from shared.config import ServerConfig
 from shared.logging import get_logger
 from shared.sdnotify import child_environment
@@ -42,15 +50,6 @@ log = get_logger()
 
 STOP_GRACE_S = 10.0  # beyond drain_timeout_s, per stage, before SIGKILL
 POLL_S = 0.1
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the supervisor dies, even by SIGKILL."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 def _strip_flag(argv: list[str], flag: str) -> list[str]:
@@ -103,39 +102,76 @@ def run_supervisor(config: ServerConfig, argv: list[str], role_command: list[str
     for flag in ("--run-dir", "--rank", "--rank-offset"):  # one host: ranks 0 .. N-1
         base = _strip_flag(base, flag)
     base += ["--run-dir", run_dir]
-    if config.tensor_parallel_size > 1 and not config.dist_init_addr:
-        base += ["--dist-init-addr", f"tcp://127.0.0.1:{_free_port()}"]
+    own_dist_port = config.tensor_parallel_size > 1 and not config.dist_init_addr
     env = child_environment()  # only a process systemd started may speak to systemd
-    specs = [("scheduler", role_command + ["scheduler"] + base, env)]
-    specs += [(f"worker{r}", role_command + ["worker"] + _worker_flags(base, config, r), env)
-              for r in range(config.tensor_parallel_size)]
-    specs += [("frontend", role_command + ["frontend"] + base, env)]
+
+    def worker_argv(rank: int) -> list[str]:
+        flags = base + (["--dist-init-addr", f"tcp://127.0.0.1:{dist_port}"] if own_dist_port else [])
+        return role_command + ["worker"] + _worker_flags(flags, config, rank)
+
+    dist_port = _free_port() if own_dist_port else 0
+    children = Children(run_dir, env)
+    children.add("scheduler", role_command + ["scheduler"] + base)
+    workers = [children.add(f"worker{r}", worker_argv(r)) for r in range(config.tensor_parallel_size)]
+    children.add("frontend", role_command + ["frontend"] + base)
 
     signals = _Signals()
-    children = {name: subprocess.Popen(argv_, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL, env=env_,
-                                       process_group=0)
-                for name, argv_, env_ in specs}
-    log.info("supervisor.started", run_dir=run_dir, listen=config.listen,
-             children={name: c.pid for name, c in children.items()})
+    for child in children:
+        child.start()
+    log.info("supervisor.started", run_dir=run_dir, listen=config.listen, children=children.pids())
     code = 0
     while not signals.count:
-        dead = [(name, c.returncode) for name, c in children.items() if c.poll() is not None]
-        if dead:
-            for name, rc in dead:
-                log.error("supervisor.child_exited", child=name, exit_code=rc)
+        children.read_notifications()
+        dead = [c for c in children if c.exited()]
+        if any(not _restartable(c) for c in dead):
+            for c in dead:
+                log.error("supervisor.child_exited", child=c.name, exit_code=c.proc.returncode, action="stop",
+                          ready=c.ever_ready)
             code = 1
             break
+        if any(c in workers for c in dead) and len(workers) > 1:
+            # One rank lost: its peers' torch.distributed group is broken too. Restart them all.
+            for c in workers:
+                if c in dead or c.restart_pending:
+                    continue
+                if c.proc.poll() is None:
+                    c.proc.kill()
+                    c.proc.wait()
+                dead.append(c)
+            if own_dist_port:
+                dist_port = _free_port()  # the old rendezvous port may linger in TIME_WAIT
+                for r, c in enumerate(workers):
+                    c.argv = worker_argv(r)
+        for c in dead:
+            delay_s = c.schedule_restart()
+            log.error("supervisor.child_exited", child=c.name, exit_code=c.proc.returncode, action="restart",
+                      ready=c.ever_ready, restart_in_s=delay_s)
+        for c in children:
+            if c.restart_due():
+                c.start()
+                log.info("supervisor.child_restarted", child=c.name, pid=c.proc.pid, restarts=c.num_restarts)
         time.sleep(POLL_S)
     log.info("supervisor.stopping", reason="signal" if signals.count else "child_exited")
-    stages = [["frontend"], ["scheduler"], [n for n in children if n.startswith("worker")]]
+    stages = [["frontend"], ["scheduler"], [c.name for c in workers]]
     for stage in stages:
-        if not _stop_stage({n: children[n] for n in stage}, config.drain_timeout_s + STOP_GRACE_S, signals):
+        procs = {n: children[n].proc for n in stage if not children[n].restart_pending}
+        if not _stop_stage(procs, config.drain_timeout_s + STOP_GRACE_S, signals):
             code = 1
+    children.close()
     if own_run_dir:
         shutil.rmtree(run_dir, ignore_errors=True)
     log.info("supervisor.stopped", exit_code=code,
-             children_exit_codes={name: c.returncode for name, c in children.items()})
+             children_exit_codes={c.name: c.proc.returncode for c in children if not c.restart_pending})
     return code
+
+
+def _restartable(child: Child) -> bool:
+    """A child that died before it was ever ready, in its first run, has a start-up problem
+    (bad flags, a model that does not load): restarting would only repeat it. Past that, restart
+    unless it was restarted MAX_RESTARTS times within RESTART_WINDOW_S (a crash loop)."""
+    if not child.ever_ready and child.num_restarts == 0:
+        return False
+    return child.recent_restarts() < MAX_RESTARTS
 
 
 def _stop_stage(stage: dict[str, subprocess.Popen], grace_s: float, signals: _Signals) -> bool:

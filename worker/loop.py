@@ -9,7 +9,16 @@ the scheduler treats as one failure of the group.
 Readiness: the worker is ready (logs `worker.ready`, tells systemd READY=1) once
 its weights are loaded, its KV cache is allocated and the scheduler has answered
 its `WorkerHello` with a `HelloAck`. A `Shutdown` instead of the ack means the
-scheduler refused it: exit 1.
+scheduler refused it: exit 1. The hello is repeated every HELLO_RETRY_S until
+answered (the scheduler acknowledges a repeated one again).
+
+Liveness (docs/fault_tolerance.md): whenever the worker has sent nothing for
+min(1 s, heartbeat_timeout_s / 4) it sends a `Heartbeat`; results count too. Each
+process has its own socket identity, so the scheduler tells a restarted worker
+from its dead predecessor. A `Rejoin` (the scheduler dropped us: we hung and woke
+up, or the scheduler restarted) makes a single worker forget every sequence and
+say hello again; a tensor-parallel rank exits EXIT_REJOIN instead, because its
+torch.distributed group must be re-created with its peers.
 
 Stopping: on SIGTERM (or SIGINT) the worker keeps executing plans, because the
 scheduler may still be finishing requests, until the scheduler sends `Shutdown`
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 
 import msgspec
 import zmq
@@ -36,6 +46,8 @@ log = get_logger()
 
 POLL_MS = 500
 DRAIN_MARGIN_S = 5.0  # the scheduler drains for drain_timeout_s, then sends Shutdown: wait a little longer
+HELLO_RETRY_S = 5.0
+EXIT_REJOIN = 75  # EX_TEMPFAIL: a tensor-parallel rank told to rejoin; restart it (with its peers)
 
 
 class WorkerLoop:
@@ -51,6 +63,10 @@ class WorkerLoop:
         self.signals = 0  # SIGTERM/SIGINT received
         self._signals_seen = 0
         self._drain_deadline: float | None = None  # monotonic seconds
+        # Heartbeat period: a quarter of the scheduler's timeout, so one lost or late beat is harmless.
+        self._beat_every_s = min(1.0, config.heartbeat_timeout_s / 4)
+        self._last_sent = 0.0  # monotonic seconds of our last message to the scheduler
+        self._hello: p.WorkerHello | None = None
 
     def _on_signal(self, _signum, _frame) -> None:
         self.signals += 1
@@ -62,11 +78,12 @@ class WorkerLoop:
         self.runner.load()
         if self.signals:
             return self._stopped("signal during start-up")
-        hello = self.runner.hello()
+        hello = self._hello = self.runner.hello()
         ctx = zmq.Context()
-        sock = make_dealer(ctx, identity=f"worker-{self.rank}".encode())
+        # One identity per process: the scheduler must tell a restarted worker from its predecessor.
+        sock = make_dealer(ctx, identity=f"worker-{self.rank}-{uuid.uuid4().hex[:8]}".encode())
         sock.connect(self.config.worker_addr())
-        sock.send(self.encoder.encode(hello))
+        self._send(sock, hello)
         self.notifier.status(f"KV cache allocated ({hello.num_device_blocks} blocks); waiting for the scheduler")
         try:
             refused = self._await_ack(sock)
@@ -84,11 +101,20 @@ class WorkerLoop:
             sock.close(linger=0)
             ctx.term()
 
-    def _await_ack(self, sock: zmq.Socket) -> int | None:
-        """None once the scheduler acknowledged our hello; else the exit code."""
+    def _send(self, sock: zmq.Socket, msg) -> None:
+        sock.send(self.encoder.encode(msg))
+        self._last_sent = time.monotonic()
+
+    def _await_ack(self, sock: zmq.Socket, rejoining: bool = False) -> int | None:
+        """None once the scheduler acknowledged our hello; else the exit code. Watchdog pings
+        only when rejoining: before the first READY=1 there must be none."""
         while True:
+            if rejoining:
+                self.notifier.tick()
             if self.signals:
                 return self._stopped("signal before the handshake")
+            if time.monotonic() - self._last_sent >= HELLO_RETRY_S:
+                self._send(sock, self._hello)  # lost, or sent before the scheduler was up
             if not sock.poll(POLL_MS):
                 continue
             msg = self._decode(sock.recv())
@@ -97,8 +123,21 @@ class WorkerLoop:
             if isinstance(msg, p.Shutdown):
                 log.error("worker.refused", rank=self.rank, reason=msg.reason)
                 return 1
+            if isinstance(msg, p.Rejoin):
+                continue  # asked before our hello arrived: the hello answers it
             if msg is not None:
                 log.error("worker.plan_before_handshake", rank=self.rank)
+
+    def _rejoin(self, sock: zmq.Socket, reason: str) -> int | None:
+        """The scheduler dropped us: start over with no sequences. None once rejoined, else the exit code."""
+        if self._hello.world_size > 1:
+            log.warning("worker.rejoin", rank=self.rank, reason=reason, action="exit")
+            return EXIT_REJOIN
+        log.warning("worker.rejoin", rank=self.rank, reason=reason, action="hello")
+        batch = self.runner.batch
+        batch.drop(list(batch.seqs))  # seq ids and block ids mean nothing to the new group
+        self._send(sock, self._hello)
+        return self._await_ack(sock, rejoining=True)
 
     def _serve(self, sock: zmq.Socket) -> int:
         while True:
@@ -112,7 +151,9 @@ class WorkerLoop:
                 log.warning("worker.drain_timeout", rank=self.rank,
                             timeout_s=self.config.drain_timeout_s + DRAIN_MARGIN_S)
                 return self._stopped("drain timeout")
-            if not sock.poll(POLL_MS):
+            if time.monotonic() - self._last_sent >= self._beat_every_s:
+                self._send(sock, p.Heartbeat(rank=self.rank))
+            if not sock.poll(min(POLL_MS, int(self._beat_every_s * 1000))):
                 continue
             msg = self._decode(sock.recv())
             if msg is None or isinstance(msg, p.HelloAck):
@@ -120,6 +161,11 @@ class WorkerLoop:
             if isinstance(msg, p.Shutdown):
                 log.info("worker.shutdown", rank=self.rank, reason=msg.reason)
                 return self._stopped(f"scheduler: {msg.reason}")
+            if isinstance(msg, p.Rejoin):
+                code = self._rejoin(sock, msg.reason)
+                if code is not None:
+                    return code
+                continue
             try:
                 result = self.runner.execute(msg)
             except Exception as e:
@@ -127,15 +173,15 @@ class WorkerLoop:
                 # the supervisor (or systemd) restart us.
                 log.exception("worker.step_failed", rank=self.rank, step_id=msg.step_id,
                               seq_ids=[s.seq_id for s in msg.scheduled])
-                sock.send(self.encoder.encode(p.WorkerError(step_id=msg.step_id, message=repr(e))))
+                self._send(sock, p.WorkerError(step_id=msg.step_id, message=repr(e)))
                 return 1
             if self.rank == 0:
-                sock.send(self.encoder.encode(result))
+                self._send(sock, result)
 
     def _decode(self, frame: bytes) -> p.PlanMessage | None:
         try:
             return self.decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:
             log.error("worker.bad_frame", rank=self.rank, error=str(e))
             return None
 

@@ -65,6 +65,27 @@ class ServerProcess:
     def named(self, name: str) -> list[dict]:
         return [e for e in list(self.events) if e.get("event") == name]
 
+    def child_pid(self, child: str) -> int | None:
+        """Under serve: the pid of the supervisor's child `child` (e.g. "worker0") now running,
+        from `supervisor.started` and `supervisor.child_restarted`."""
+        pid = None
+        for e in list(self.events):
+            if e.get("event") == "supervisor.started":
+                pid = e["children"].get(child)
+            elif e.get("event") == "supervisor.child_restarted" and e.get("child") == child:
+                pid = e["pid"]
+        return pid
+
+    def wait_for(self, name: str, count: int = 1, timeout_s: float = 120.0, **fields) -> dict:
+        """The `count`-th event `name` whose fields include `fields`; AssertionError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [e for e in self.named(name) if all(e.get(k) == v for k, v in fields.items())]
+            if len(found) >= count:
+                return found[count - 1]
+            time.sleep(0.05)
+        raise AssertionError(f"no {count} x {name} {fields} within {timeout_s} s; last events: {self.events[-5:]}")
+
     def stop(self) -> int:
         """SIGTERM every process; the first one's exit code (the supervisor's, under serve)."""
         for proc in self.procs:
