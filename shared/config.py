@@ -22,6 +22,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     dtype: Dtype = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU), "torch" or "triton"
+    cpu_linear: str = "auto"  # CPU matmuls: "auto"/"onednn" (weights packed once for oneDNN) or "torch" (F.linear)
     load_format: str = "auto"  # "auto": weights from the model's files; "dummy": random weights of its config
     max_model_len: int | None = None  # tokens; None: the model's own limit
     seed: int = 0  # default seed for requests without one (per-request randomness still differs)
@@ -115,6 +116,8 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.cpu_linear not in ("auto", "onednn", "torch"):
+            raise ValueError(f"cpu_linear must be auto, onednn or torch, got {self.cpu_linear!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.drain_timeout_s < 0:

@@ -23,6 +23,7 @@ from shared.logging import get_logger
 from shared.models import resolve_model
 from shared.protocol import MAX_LOGPROBS, NewSeq, SamplingParams, ScheduledSeq, StepPlan, StepResult, WorkerHello
 from worker.attention import get_attention_backend
+from worker.cpu_linear import pack_linears, should_pack
 from worker.input_batch import InputBatch, StepInputs
 from worker.kv_cache import (GIB, KVCache, allocate_kv_cache, bytes_per_block, kv_cache_budget_bytes,
                              plan_num_blocks)
@@ -65,6 +66,11 @@ class ModelRunner:
         backend = get_attention_backend(self.attention_backend, device)
         loaded = load_model(self.files, device, self.dtype, backend, self.group, load_format=config.load_format)
         self.model, self.args, self.eos_token_ids = loaded.model, loaded.args, loaded.eos_token_ids
+        weights_bytes = loaded.weights_bytes
+        self.cpu_linear = "torch"
+        if should_pack(device, self.dtype, config.cpu_linear):
+            weights_bytes += pack_linears(self.model)
+            self.cpu_linear = "onednn"
         # After loading, so a rank that cannot load fails before the others wait for it.
         self.group.init(config.dist_init_addr, device, config.dist_timeout_s)
         self.num_kv_heads = self.model.layout.num_kv_heads  # this rank's: its share of each block
@@ -74,7 +80,7 @@ class ModelRunner:
         a = self.args
         block_bytes = bytes_per_block(a.num_layers, config.block_size, self.num_kv_heads, a.head_dim, self.dtype)
         activation_peak = self._profile_activation_peak() if device.type == "cuda" else 0
-        budget = kv_cache_budget_bytes(config, device, loaded.weights_bytes, activation_peak)
+        budget = kv_cache_budget_bytes(config, device, weights_bytes, activation_peak)
         num_blocks = plan_num_blocks(config, budget, block_bytes)
         self.kv_cache = allocate_kv_cache(a.num_layers, num_blocks, config.block_size, self.num_kv_heads,
                                           a.head_dim, self.dtype, device)
@@ -86,7 +92,7 @@ class ModelRunner:
                                                 pin_memory=device.type == "cuda")
         self.num_host_blocks = num_host_blocks
         self.memory_profile = {
-            "weights_bytes": loaded.weights_bytes,
+            "weights_bytes": weights_bytes,
             "kv_cache_bytes": self.kv_cache.nbytes(),
             "activation_peak_bytes": activation_peak,
             "bytes_per_block": block_bytes,
@@ -100,6 +106,7 @@ class ModelRunner:
                  tensor_parallel_size=self.group.world_size, kv_heads=self.num_kv_heads,
                  dtype=str(self.dtype).removeprefix("torch."),
                  attention_backend=self.attention_backend, cpu_decode_kernel=_cpu_kernel_status(backend),
+                 cpu_linear=self.cpu_linear,
                  num_device_blocks=num_blocks,
                  num_host_blocks=num_host_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
                  max_num_batched_tokens=self.max_num_batched_tokens, load_s=round(time.perf_counter() - started, 3),

@@ -225,6 +225,8 @@ class LlamaForCausalLM(nn.Module):
                        else nn.Linear(args.hidden_size, self.layout.vocab_per_rank, bias=False))
         # A plain attribute, not a buffer: it must survive building on the meta device.
         self.inv_freq = rope_inv_freq(args)
+        # A packed copy of the tied embedding for the logits (worker/cpu_linear.py), or None.
+        self.lm_head: nn.Module | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -245,8 +247,11 @@ class LlamaForCausalLM(nn.Module):
         """hidden ``[rows, hidden_size]`` (only the rows to sample) -> float32
         ``[rows, layout.vocab_per_rank]``: this rank's vocabulary shard (the whole vocabulary at
         TP=1). `ParallelGroup.gather_vocab` assembles the full rows on rank 0."""
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        if self.output is not None:
+            return self.output(hidden).float()
+        return F.linear(hidden, self.tok_embeddings.weight).float()
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy this rank's slice of each Hugging Face-named tensor into our fused parameters
