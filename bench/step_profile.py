@@ -1,6 +1,7 @@
 """Profile the worker's decode step alone (no scheduler, no IPC): where a step's time goes.
 
-    python -m bench.step_profile [--batch 64] [--context 512] [--steps 20] [--dtype float32] [--ops 15]
+    python -m bench.step_profile [--batch 64] [--context 512] [--steps 20] [--dtype float32]
+                                 [--cpu-linear auto|onednn|torch] [--ops 15]
 
 Builds a ModelRunner for --model, registers --batch sequences of --context random
 prompt tokens, prefills them, then times --steps decode steps (ModelRunner.execute,
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--attention-backend", default=None)
+    parser.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"])
     parser.add_argument("--ops", type=int, default=0, help="print torch.profiler's top N ops")
     args = parser.parse_args(argv)
 
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"attention_backend": args.attention_backend} if args.attention_backend else {}
     config = ServerConfig(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                           num_kv_blocks=args.batch * blocks_per_seq + 1,
-                          max_num_batched_tokens=max(2048, args.context), max_num_seqs=max(256, args.batch), **extra)
+                          max_num_batched_tokens=max(2048, args.context), max_num_seqs=max(256, args.batch),
+                          cpu_linear=args.cpu_linear, **extra)
     runner = ModelRunner(config)
     runner.load()
     rng = random.Random(0)
