@@ -118,6 +118,8 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
         if self.cpu_linear not in ("auto", "onednn", "torch"):
             raise ValueError(f"cpu_linear must be auto, onednn or torch, got {self.cpu_linear!r}")
+        if self.cpu_linear == "onednn" and self.device != "cpu":
+            raise ValueError(f"cpu_linear onednn needs device cpu, got {self.device!r} (auto packs on CPU only)")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.drain_timeout_s < 0:

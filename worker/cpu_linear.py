@@ -46,10 +46,8 @@ class PackedLinear(nn.Module):
 
 
 def should_pack(device: torch.device, dtype: torch.dtype, choice: str = "auto") -> bool:
-    """choice: "auto" (oneDNN where it applies), "onednn" (the same, but an error where it does
-    not) or "torch" (plain F.linear)."""
-    if choice not in ("auto", "onednn", "torch"):
-        raise ValueError(f"cpu linear must be auto, onednn or torch, got {choice!r}")
+    """choice (ServerConfig.cpu_linear, validated there): "auto" (oneDNN where it applies),
+    "onednn" (the same, but an error where it does not) or "torch" (plain F.linear)."""
     applies = device.type == "cpu" and dtype in PACKABLE_DTYPES and onednn_available()
     if choice == "onednn" and not applies:
         raise ValueError(f"oneDNN linears need a CPU device, float32 or bfloat16 and torch built with "

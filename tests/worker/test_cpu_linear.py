@@ -81,11 +81,11 @@ def test_should_pack_follows_the_choice():
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         should_pack(cpu, torch.float16, "onednn")
     assert not should_pack(torch.device("cuda"), torch.bfloat16)
-    with pytest.raises(ValueError, match="auto, onednn or torch"):
-        should_pack(cpu, torch.float32, "mkl")
 
 
 def test_config_refuses_an_unknown_cpu_linear():
     ServerConfig(cpu_linear="torch").validate()
     with pytest.raises(ValueError, match="cpu_linear must be auto, onednn or torch"):
         ServerConfig(cpu_linear="mkl").validate()
+    with pytest.raises(ValueError, match="cpu_linear onednn needs device cpu"):
+        ServerConfig(cpu_linear="onednn", device="cuda").validate()
