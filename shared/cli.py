@@ -34,6 +34,8 @@ HELP = {
     "dtype": "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16",
     "attention_backend": "auto (triton on CUDA, torch elsewhere), torch or triton",
     "cpu_linear": "CPU matmuls: auto (oneDNN with weights packed at load, where torch has it), onednn or torch",
+    "enforce_eager": "true or false: on CUDA, run decode steps eagerly instead of replaying CUDA graphs "
+                     "(default false)",
     "load_format": "auto (the model's weights) or dummy (random weights of its config.json, for benchmarks)",
     "device": "cpu, cuda or cuda:N",
     "max_model_len": "longest prompt + output, in tokens (default: the model's)",

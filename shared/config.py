@@ -23,6 +23,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU), "torch" or "triton"
     cpu_linear: str = "auto"  # CPU matmuls: "auto"/"onednn" (weights packed once for oneDNN) or "torch" (F.linear)
+    enforce_eager: bool = False  # CUDA: no CUDA graphs; every decode step launches its kernels one by one
     load_format: str = "auto"  # "auto": weights from the model's files; "dummy": random weights of its config
     max_model_len: int | None = None  # tokens; None: the model's own limit
     seed: int = 0  # default seed for requests without one (per-request randomness still differs)

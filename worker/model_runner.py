@@ -17,13 +17,14 @@ import time
 import numpy as np
 import torch
 
-from kernels import reference
+from kernels import reference, swap_ops
 from shared.config import ServerConfig
 from shared.logging import get_logger
 from shared.models import resolve_model
 from shared.protocol import MAX_LOGPROBS, NewSeq, SamplingParams, ScheduledSeq, StepPlan, StepResult, WorkerHello
 from worker.attention import get_attention_backend
 from worker.cpu_linear import pack_linears, should_pack
+from worker.decode_graphs import Capture, DecodeGraphs, capture_sizes, cuda_capture
 from worker.input_batch import InputBatch, StepInputs
 from worker.kv_cache import (GIB, KVCache, allocate_kv_cache, bytes_per_block, kv_cache_budget_bytes,
                              plan_num_blocks)
@@ -64,6 +65,8 @@ class ModelRunner:
         self.files = resolve_model(config.model)
         self.dtype = resolve_dtype(config.dtype, device)
         backend = get_attention_backend(self.attention_backend, device)
+        # Copy-on-write through the backend's kernel (one launch for every layer) where it has one.
+        self._copy_blocks = getattr(backend, "copy_blocks", reference.copy_blocks)
         loaded = load_model(self.files, device, self.dtype, backend, self.group, load_format=config.load_format)
         self.model, self.args, self.eos_token_ids = loaded.model, loaded.args, loaded.eos_token_ids
         weights_bytes = loaded.weights_bytes
@@ -101,16 +104,53 @@ class ModelRunner:
         self.batch = InputBatch(config.block_size, self.max_model_len, device, initial_rows=2 * config.max_num_seqs,
                                 vocab_size=a.vocab_size, eos_token_ids=self.eos_token_ids)
         self.sampler = Sampler(device, config.seed)
+        self.decode_graphs: DecodeGraphs | None = None
+        self.cuda_graphs = self._capture_cuda_graphs()
         # worker/loop.py logs `worker.ready` after the handshake; this is the load itself.
         log.info("worker.loaded", model=self.files.name, device=str(device), rank=self.group.rank,
                  tensor_parallel_size=self.group.world_size, kv_heads=self.num_kv_heads,
                  dtype=str(self.dtype).removeprefix("torch."),
                  attention_backend=self.attention_backend, cpu_decode_kernel=_cpu_kernel_status(backend),
-                 cpu_linear=self.cpu_linear,
+                 cpu_linear=self.cpu_linear, cuda_graphs=self.cuda_graphs,
                  num_device_blocks=num_blocks,
                  num_host_blocks=num_host_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
                  max_num_batched_tokens=self.max_num_batched_tokens, load_s=round(time.perf_counter() - started, 3),
                  **self.memory_profile)
+
+    def _capture_cuda_graphs(self) -> str:
+        """Capture decode graphs where they apply; return what `worker.loaded` reports:
+        "captured", "off: <why not>", or "failed: <error>" (the worker then runs eagerly)."""
+        if self.device.type != "cuda":
+            return "off: no CUDA"
+        if self.config.enforce_eager:
+            return "off: enforce_eager"
+        if self.attention_backend != "triton":
+            return f"off: attention backend {self.attention_backend} (syncs with the host)"
+        if self.group.world_size > 1:
+            return "off: tensor parallel (collectives are not captured)"
+        started = time.perf_counter()
+        reserved = torch.cuda.memory_reserved(self.device)
+        try:
+            self.capture_decode_graphs(cuda_capture(self.device))
+        except Exception as e:  # a kernel that cannot be captured must not stop the worker
+            self.decode_graphs = None
+            torch.cuda.synchronize(self.device)
+            log.warning("worker.cuda_graphs_failed", error=f"{type(e).__name__}: {e}")
+            return f"failed: {type(e).__name__}"
+        torch.cuda.synchronize(self.device)
+        log.info("worker.cuda_graphs", sizes=self.decode_graphs.sizes, max_batch=self.decode_graphs.max_batch,
+                 capture_s=round(time.perf_counter() - started, 3),
+                 pool_bytes=torch.cuda.memory_reserved(self.device) - reserved)
+        return "captured"
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self, capture: Capture) -> None:
+        """Replay decode steps of up to max_num_seqs sequences from graphs made by `capture`
+        (worker/decode_graphs.py; tests pass `eager_capture` on CPU)."""
+        graphs = DecodeGraphs(lambda ids, pos, meta: self.model(ids, pos, meta, self.kv_cache.layers()),
+                              capture_sizes(self.config.max_num_seqs), self.batch.max_blocks_per_seq, self.device)
+        graphs.capture(capture)
+        self.decode_graphs = graphs
 
     def _resolve_max_model_len(self) -> int:
         """The config's limit, capped at what the model supports (its context, or its sliding
@@ -203,14 +243,17 @@ class ModelRunner:
             self._swap(self._host(), self.kv_cache, plan.swap_in)
         if plan.copy:
             pairs = torch.tensor(plan.copy, dtype=torch.int64, device=self.device)
-            reference.copy_blocks(self.kv_cache.key_caches, self.kv_cache.value_caches, pairs)
+            self._copy_blocks(self.kv_cache.key_caches, self.kv_cache.value_caches, pairs)
         for new in plan.new_seqs:
             self.batch.add(new)
         result = StepResult(step_id=plan.step_id, sampled=[-1] * len(plan.scheduled))
         if plan.scheduled:
             inputs = self.batch.prepare(plan.scheduled)
             forward_started = time.perf_counter()
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache.layers())
+            if self.decode_graphs is not None and self.decode_graphs.fits(inputs):
+                hidden = self.decode_graphs.run(inputs)
+            else:
+                hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache.layers())
             sample_started = time.perf_counter()
             self._collect_prompt_logprobs(hidden, inputs)
             if inputs.sampling is None:
@@ -276,7 +319,7 @@ class ModelRunner:
     def _swap(src: KVCache, dst: KVCache, pairs: list[tuple[int, int]]) -> None:
         index = torch.tensor(pairs, dtype=torch.int64)
         for s, d in zip((*src.key_caches, *src.value_caches), (*dst.key_caches, *dst.value_caches)):
-            reference.swap_blocks(s, d, index)
+            swap_ops.swap_blocks(s, d, index)
 
 
 def _cpu_kernel_status(backend) -> str:

@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from tiny_llama import write_tiny_llama
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before kernels/triton_*.py are imported
@@ -86,21 +87,8 @@ def test_backend_calls_match_torch(kind):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
-                                      max_position_embeddings=256, rms_norm_eps=1e-6, eos_token_id=7,
-                                      bos_token_id=1)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():  # logits of useful size (default init gives ~0)
-        for name, param in model.named_parameters():
-            param.normal_(0.0, 1.0 if "embed" in name or "lm_head" in name else 0.15)
-            if "norm" in name:
-                param.fill_(1.0)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(path)
-    return str(path)
+    pytest.importorskip("transformers")
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 # Tokens per sequence per step (prompts of 1, 9, 23 and 6 tokens): a prefill-only step, two
