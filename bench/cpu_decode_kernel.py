@@ -1,7 +1,8 @@
-"""CPU paged decode attention, float32: the C++ kernel against a baseline revision of itself and SDPA.
+"""CPU paged decode attention: the C++ kernel against a baseline revision of itself and SDPA.
 
     python bench/cpu_decode_kernel.py [--batch 40] [--min-context 100] [--max-context 900]
                                       [--threads 1 2] [--repeats 7] [--baseline-rev ad5a9f4] [--all-lanes]
+                                      [--dtype float32|bfloat16]
 
 Shape: SmolLM2-135M attention by default (9 query heads, 3 KV heads, head_dim 64, block size 16),
 contexts drawn uniformly from [min, max], block tables shuffled. Three implementations on the same
@@ -14,8 +15,10 @@ built).
 Timing: each call attends to the next of --layers separate caches (so K/V come from memory, as in a
 model whose 30 layers each have their own cache, not from the 32 MiB L3), --calls calls per sample,
 implementations interleaved within every repeat, median and min over --repeats. GB/s counts K/V
-bytes read: sum of contexts x 2 x kv_heads x head_dim x 4. Before timing, every implementation's
-output is checked against kernels/reference.py.
+bytes read: sum of contexts x 2 x kv_heads x head_dim x element bytes. Before timing, every
+implementation's output is checked against kernels/reference.py (float32, on the same numbers).
+--dtype bfloat16: query, caches and output in bfloat16, as in a bfloat16 model; the baseline is
+float32-only, so `old` is left out.
 
 The machine has 2 cores: run it when nothing else does (another job skews every number).
 """
@@ -63,6 +66,7 @@ def parse_args(argv):
     p.add_argument("--no-old", action="store_true", help="skip the baseline build (no git, or no time)")
     p.add_argument("--all-lanes", action="store_true",
                    help="also time the new kernel's narrower instruction sets (new@8: AVX2, new@1: plain C++)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -86,6 +90,13 @@ def load_baseline(rev: str):
                           build_directory=folder, verbose=False)
 
 
+def _at_lanes(module, lanes: int, query, key_cache, value_cache, tables, lens, scale) -> torch.Tensor:
+    """The kernel with one instruction set; float32 result (its query and output are float32)."""
+    result = torch.empty(query.shape)
+    module.paged_decode_f32(result, query.float(), key_cache, value_cache, tables, lens, scale, lanes)
+    return result
+
+
 def make_inputs(args):
     gen = torch.Generator().manual_seed(args.seed)
     bs, hkv, d = args.block_size, args.num_kv_heads, args.head_dim
@@ -97,9 +108,10 @@ def make_inputs(args):
     for b, n in enumerate(blocks):
         tables[b, :n] = torch.tensor(perm[:n], dtype=torch.int32)
         perm = perm[n:]
-    caches = [(torch.randn(num_blocks, bs, hkv, d, generator=gen), torch.randn(num_blocks, bs, hkv, d, generator=gen))
-              for _ in range(args.layers)]
-    query = torch.randn(args.batch, args.num_q_heads, d, generator=gen)
+    dtype = getattr(torch, args.dtype)
+    caches = [(torch.randn(num_blocks, bs, hkv, d, generator=gen).to(dtype),
+               torch.randn(num_blocks, bs, hkv, d, generator=gen).to(dtype)) for _ in range(args.layers)]
+    query = torch.randn(args.batch, args.num_q_heads, d, generator=gen).to(dtype)
     return query, caches, tables, lens
 
 
@@ -111,30 +123,32 @@ def main(argv=None) -> int:
     query, caches, tables, lens = make_inputs(args)
     scale = args.head_dim ** -0.5
     impls = {}
-    if not args.no_old:
+    if not args.no_old and args.dtype == "float32":
         old = load_baseline(args.baseline_rev)
         impls["old"] = lambda out, k, v: old.paged_decode_f32(out, query, k, v, tables, lens, scale)
     impls["new"] = lambda out, k, v: cpu_kernels.paged_decode_attention(out, query, k, v, tables, lens, scale)
     if args.all_lanes:
         module = cpu_kernels.load()
         for lanes in module.compiled_lanes()[1:]:
-            impls[f"new@{lanes}"] = (lambda lanes: lambda out, k, v: module.paged_decode_f32(
-                out, query, k, v, tables, lens, scale, lanes))(lanes)
+            impls[f"new@{lanes}"] = (lambda lanes: lambda out, k, v: out.copy_(_at_lanes(
+                module, lanes, query, k, v, tables, lens, scale)))(lanes)
     impls["sdpa"] = lambda out, k, v: sdpa_paged.paged_decode_attention(out, query, k, v, tables, lens, scale)
 
-    expected = torch.empty_like(query)
-    reference.paged_decode_attention(expected, query, *caches[0], tables, lens, scale)
+    expected = torch.empty(query.shape)
+    reference.paged_decode_attention(expected, query.float(), *(c.float() for c in caches[0]), tables, lens, scale)
+    tolerance = 1e-4 if args.dtype == "float32" else 1e-2  # bfloat16 output: its rounding
     for name, fn in impls.items():
         got = torch.full_like(query, float("nan"))
         fn(got, *caches[0])
-        print(f"{name}: max |diff| against the reference {(got - expected).abs().max().item():.2e}")
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        print(f"{name}: max |diff| against the reference {(got.float() - expected).abs().max().item():.2e}")
+        torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
 
-    kv_bytes = int(lens.sum()) * 2 * args.num_kv_heads * args.head_dim * 4
+    element_bytes = caches[0][0].element_size()
+    kv_bytes = int(lens.sum()) * 2 * args.num_kv_heads * args.head_dim * element_bytes
     print(f"batch {args.batch}, contexts {args.min_context}-{args.max_context} (mean {lens.float().mean():.0f}), "
           f"Hq {args.num_q_heads}, Hkv {args.num_kv_heads}, D {args.head_dim}, block {args.block_size}; "
           f"K/V read per call {kv_bytes / 2**20:.1f} MiB, {args.layers} caches of "
-          f"{2 * caches[0][0].numel() * 4 / 2**20:.0f} MiB cycled")
+          f"{2 * caches[0][0].numel() * element_bytes / 2**20:.0f} MiB cycled, {args.dtype}")
     out = torch.empty_like(query)
     for threads in args.threads:
         torch.set_num_threads(threads)

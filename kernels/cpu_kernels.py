@@ -75,14 +75,23 @@ def error() -> str | None:
 
 
 def supports(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
-    """The kernel's domain: float32 on the CPU, contiguous caches, head_dim innermost."""
-    return (query.device.type == "cpu" and query.dtype == torch.float32 and key_cache.dtype == torch.float32
-            and key_cache.is_contiguous() and query.stride(-1) == 1)
+    """The kernel's domain: CPU tensors, a float32 or bfloat16 cache (the query in the same dtype),
+    contiguous caches, head_dim innermost."""
+    return (query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16)
+            and key_cache.dtype == query.dtype and key_cache.is_contiguous() and query.stride(-1) == 1)
 
 
 def paged_decode_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale: float) -> None:
-    """As kernels/reference.py's, for `supports(query, key_cache)` inputs, after `load()` succeeded."""
+    """As kernels/reference.py's, for `supports(query, key_cache)` inputs, after `load()` succeeded.
+
+    The kernel computes in float32: a bfloat16 query is widened first and the float32 result
+    rounded into `out` (both [batch, heads, head_dim], small next to the cache it reads)."""
     if query.shape[0] == 0:
         return
-    _module.paged_decode_f32(out, query, key_cache, value_cache, block_tables.to(torch.int32).contiguous(),
-                             seq_lens.to(torch.int32).contiguous(), float(scale))
+    tables, lens = block_tables.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
+    if query.dtype == torch.float32:
+        _module.paged_decode_f32(out, query, key_cache, value_cache, tables, lens, float(scale))
+        return
+    result = torch.empty(query.shape, dtype=torch.float32)
+    _module.paged_decode_f32(result, query.float(), key_cache, value_cache, tables, lens, float(scale))
+    out.copy_(result)

@@ -50,7 +50,7 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def __init__(self, cpu_kernel: bool = True):
-        """`cpu_kernel`: decode float32 CPU rows with kernels/cpu_kernels.py (built here, once per
+        """`cpu_kernel`: decode float32 and bfloat16 CPU rows with kernels/cpu_kernels.py (built here, once per
         machine, if it can be); the SDPA path otherwise."""
         self._step_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self.cpu_kernel = cpu_kernel and cpu_kernels.load() is not None

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from kernels import reference, swap_ops
 from shared.config import ServerConfig
 from shared.logging import get_logger
 from shared.models import resolve_model
-from shared.protocol import MAX_LOGPROBS, NewSeq, SamplingParams, ScheduledSeq, StepPlan, StepResult, WorkerHello
+from shared.protocol import StepPlan, StepResult, WorkerHello
+from worker.activation_profile import profile_activation_peak
 from worker.attention import get_attention_backend
 from worker.cpu_linear import pack_linears, should_pack
 from worker.decode_graphs import Capture, DecodeGraphs, capture_sizes, cuda_capture
@@ -32,7 +32,6 @@ from worker.loader import load_model, resolve_dtype
 from worker.parallel import ParallelGroup
 from worker.logprobs import prompt_logprobs
 from worker.sampler import Sampler
-from worker.sampling_state import SamplingState
 
 # Prompt logprobs are computed this many positions at a time: a [chunk, vocab] float32 block each.
 PROMPT_LOGPROBS_CHUNK = 256
@@ -82,7 +81,7 @@ class ModelRunner:
 
         a = self.args
         block_bytes = bytes_per_block(a.num_layers, config.block_size, self.num_kv_heads, a.head_dim, self.dtype)
-        activation_peak = self._profile_activation_peak() if device.type == "cuda" else 0
+        activation_peak = profile_activation_peak(self) if device.type == "cuda" else 0
         budget = kv_cache_budget_bytes(config, device, weights_bytes, activation_peak)
         num_blocks = plan_num_blocks(config, budget, block_bytes)
         self.kv_cache = allocate_kv_cache(a.num_layers, num_blocks, config.block_size, self.num_kv_heads,
@@ -165,48 +164,6 @@ class ModelRunner:
             log.warning("worker.max_model_len_capped", requested_tokens=wanted, model_max_tokens=model_len)
             return model_len
         return wanted
-
-    @torch.inference_mode()
-    def _profile_activation_peak(self) -> int:
-        """Peak bytes above the weights of a forward pass over max_num_batched_tokens prompt tokens
-        plus sampling of max_num_seqs rows, on a throwaway KV cache (its bytes excluded)."""
-        cfg, a, bs = self.config, self.args, self.config.block_size
-        lens, left = [], self.max_num_batched_tokens
-        while left > 0:
-            lens.append(min(left, self.max_model_len))
-            left -= lens[-1]
-        num_blocks = sum(-(-n // bs) for n in lens)
-        cache = allocate_kv_cache(a.num_layers, num_blocks, bs, self.num_kv_heads, a.head_dim, self.dtype,
-                                  self.device)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        baseline = torch.cuda.memory_allocated(self.device)
-        batch = InputBatch(bs, self.max_model_len, self.device, initial_rows=len(lens))
-        next_block, scheduled = 0, []
-        for i, n in enumerate(lens):
-            blocks = list(range(next_block, next_block + -(-n // bs)))
-            next_block += len(blocks)
-            batch.add(NewSeq(seq_id=i, token_ids=[0] * n, prompt_len=n, block_ids=blocks, params=SamplingParams()))
-            scheduled.append(ScheduledSeq(seq_id=i, num_tokens=n, num_computed_tokens=0))
-        inputs = batch.prepare(scheduled)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, cache.layers())
-        rows = hidden[torch.arange(cfg.max_num_seqs, device=self.device) % hidden.shape[0]]
-        logits = self.compute_logits(rows)  # None on ranks other than 0: they do not sample
-        if logits is not None:
-            # Every sampling stage at once; the penalty state is as large as the real batch's (2 rows per seq).
-            profile_params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, min_p=0.05, seed=1,
-                                            repetition_penalty=1.1, logprobs=MAX_LOGPROBS)
-            state = SamplingState(2 * cfg.max_num_seqs, a.vocab_size, self.device)
-            for row in range(cfg.max_num_seqs):
-                state.set_row(row, profile_params, 0, [0, 0], 1)
-            meta = state.metadata(np.arange(cfg.max_num_seqs), np.zeros(cfg.max_num_seqs, dtype=np.int64))
-            Sampler(self.device).sample(logits, meta, state)
-            del state, meta
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - baseline
-        del cache, hidden, rows, logits, inputs
-        torch.cuda.empty_cache()
-        return max(0, peak)
 
     def hello(self, rank: int | None = None, world_size: int | None = None) -> WorkerHello:
         """The handshake; `rank` and `world_size` default to (and should equal) this rank's group."""

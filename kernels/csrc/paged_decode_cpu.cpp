@@ -1,9 +1,12 @@
-// Paged decode attention for CPUs, float32: reads each sequence's K/V rows in place through its
-// block table (no gathered copy), once per KV head for the whole GQA group of query heads.
+// Paged decode attention for CPUs, computed in float32 over a float32 or bfloat16 KV cache: reads
+// each sequence's K/V rows in place through its block table (no gathered copy), once per KV head
+// for the whole GQA group of query heads. A bfloat16 row is widened to float32 as it is loaded
+// (a 16-bit shift: bf16 is the top half of a float32), so a bf16 cache moves half the bytes.
 //
 // Layouts and semantics: kernels/reference.py (paged_decode_attention).
-//   query, out        [B, Hq, D], head_dim innermost (batch and head strides may be anything)
-//   key/value cache   [num_blocks, block_size, Hkv, D], contiguous: a slot's Hkv * D floats are adjacent
+//   query, out        float32 [B, Hq, D], head_dim innermost (batch and head strides may be anything)
+//   key/value cache   float32 or bfloat16 [num_blocks, block_size, Hkv, D], contiguous: a slot's Hkv * D
+//                     elements are adjacent
 //   block_tables      int32 [B, max_blocks];  seq_lens int32 [B], 1 <= len <= max_blocks * block_size
 //   query head q reads KV head q / G, G = Hq / Hkv (Hugging Face repeat_kv grouping).
 // Invariants:
@@ -34,6 +37,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -48,6 +52,9 @@ struct Avx512 {
   static constexpr int W = 16;
   static constexpr int kRows = 4;  // query rows per value-sum pass: 4 x 4 accumulators of 32 registers
   static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const uint16_t* p) {  // 16 bfloat16 -> float32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
@@ -92,6 +99,9 @@ struct Avx2 {
   static constexpr int W = 8;
   static constexpr int kRows = 2;  // 2 x 4 accumulators of 16 registers
   static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const uint16_t* p) {  // 8 bfloat16 -> float32
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
@@ -129,6 +139,12 @@ struct Scalar {  // any CPU, any head_dim
   static constexpr int W = 1;
   static constexpr int kRows = 2;
   static V load(const float* p) { return *p; }
+  static V load(const uint16_t* p) {  // bfloat16 -> float32
+    const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+    float r;
+    std::memcpy(&r, &bits, sizeof r);
+    return r;
+  }
   static void store(float* p, V v) { *p = v; }
   static V set1(float x) { return x; }
   static V add(V a, V b) { return a + b; }
@@ -150,15 +166,18 @@ struct Scalar {  // any CPU, any head_dim
   static V sum_lanes(const V* x) { return x[0]; }
 };
 
+// E: the cache's element type, float (float32) or uint16_t (bfloat16 bits).
+template <class E>
 struct Problem {
-  const float *q, *kc, *vc;
+  const float* q;
+  const E *kc, *vc;
   float* o;
   const int32_t *tables, *lens;
-  int64_t Hkv, G, D, bs, max_blocks, slot_floats, q_sb, q_sh, o_sb, o_sh;
+  int64_t Hkv, G, D, bs, max_blocks, slot_elems, q_sb, q_sh, o_sb, o_sh;  // slot_elems: Hkv * D
   float scale;
 };
 
-template <class S>
+template <class S, class E = float>
 struct Kernel {
   using V = typename S::V;
   static constexpr int W = S::W;
@@ -185,7 +204,7 @@ struct Kernel {
   // Scores of one query row against the W rows of a tile: W independent accumulators (no
   // dependency chain across tokens), summed across lanes together at the end. The rows are walked
   // 8 at a time so that their pointers fit in the general registers (16 would spill in the loop).
-  static V dot_tile(const float* q, const float* const* rows, int64_t off, int64_t D) {
+  static V dot_tile(const float* q, const E* const* rows, int64_t off, int64_t D) {
     constexpr int T = W < 8 ? W : 8;
     V acc[W];
 #pragma GCC unroll 16
@@ -204,7 +223,7 @@ struct Kernel {
   // (rows R apart by acc_stride and p_stride): each V load feeds R FMAs, and the R * C
   // accumulators are independent chains, enough to hide the FMA latency.
   template <int R, int C>
-  static void axpy_tile(float* acc, int64_t acc_stride, const float* p, int64_t p_stride, const float* const* rows,
+  static void axpy_tile(float* acc, int64_t acc_stride, const float* p, int64_t p_stride, const E* const* rows,
                         int64_t off, int n) {
     V a[R][C];
 #pragma GCC unroll 8
@@ -212,7 +231,7 @@ struct Kernel {
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) a[r][c] = S::load(acc + r * acc_stride + c * W);
     for (int t = 0; t < n; ++t) {
-      const float* v = rows[t] + off;
+      const E* v = rows[t] + off;
       V vc[C];
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) vc[c] = S::load(v + c * W);
@@ -230,7 +249,7 @@ struct Kernel {
   }
 
   // The value sum of the G query rows of one KV head over one tile, in groups of up to S::kRows rows.
-  static void values_tile(float* acc, const float* p, int64_t Lp, const float* const* rows, int64_t off, int64_t G,
+  static void values_tile(float* acc, const float* p, int64_t Lp, const E* const* rows, int64_t off, int64_t G,
                           int64_t D, int n) {
     constexpr int C = kValueChunks;
     for (int64_t g = 0; g < G;) {
@@ -261,20 +280,20 @@ struct Kernel {
   // the lines of a tile about kPrefetchBytes ahead, one head's part at a time, which spreads the
   // requests over the computation. Into L2 (hint 2): hint 3 (L1) lost most of the gain.
   static constexpr int64_t kPrefetchBytes = 8192;
-  static void prefetch_rows(const float* cache, const int64_t* slots, int64_t slot_floats, int64_t off, int64_t len) {
+  static void prefetch_rows(const E* cache, const int64_t* slots, int64_t slot_elems, int64_t off, int64_t len) {
     for (int t = 0; t < W; ++t) {  // every 64-byte line of [first, last]
-      const uintptr_t first = reinterpret_cast<uintptr_t>(cache + slots[t] * slot_floats + off);
-      const uintptr_t last = first + len * sizeof(float) - 1;
+      const uintptr_t first = reinterpret_cast<uintptr_t>(cache + slots[t] * slot_elems + off);
+      const uintptr_t last = first + len * sizeof(E) - 1;
       for (uintptr_t c = first & ~uintptr_t(63); c <= last; c += 64)
         __builtin_prefetch(reinterpret_cast<const void*>(c), 0, 2);
     }
   }
 
   // Query heads of KV heads h0 .. h1-1 of sequence b. scratch: grown as needed, reused.
-  static void attend(const Problem& p, int64_t b, int64_t h0, int64_t h1, std::vector<float>& scratch,
+  static void attend(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vector<float>& scratch,
                      std::vector<int64_t>& slots) {
     const int64_t L = p.lens[b], Lp = (L + W - 1) / W * W, G = p.G, D = p.D, rows = (h1 - h0) * G;
-    const int64_t sf = p.slot_floats;
+    const int64_t sf = p.slot_elems;
     if (static_cast<int64_t>(scratch.size()) < rows * (Lp + D)) scratch.resize(rows * (Lp + D));
     float* scores = scratch.data();   // [rows, Lp], then probabilities in place
     float* acc = scores + rows * Lp;  // [rows, D]
@@ -284,13 +303,13 @@ struct Kernel {
     for (int64_t l = 0, blk = 0; blk * p.bs < L; ++blk)
       for (int64_t i = 0; i < p.bs && l < L; ++i, ++l) slots[l] = p.tables[b * p.max_blocks + blk] * p.bs + i;
     std::fill(slots.begin() + L, slots.begin() + Lp, slots[L - 1]);
-    const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (W * (h1 - h0) * D * 4)) * W;  // in tokens
-    auto prefetch_first = [&](const float* cache) {
+    const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (W * (h1 - h0) * D * int64_t(sizeof(E)))) * W;  // tokens
+    auto prefetch_first = [&](const E* cache) {
       for (int64_t l0 = 0; l0 < std::min(ahead, Lp); l0 += W)
         prefetch_rows(cache, &slots[l0], sf, h0 * D, (h1 - h0) * D);
     };
 
-    const float* tile[W];
+    const E* tile[W];
     prefetch_first(p.kc);
     for (int64_t l0 = 0; l0 < L; l0 += W) {
       for (int t = 0; t < W; ++t) tile[t] = p.kc + slots[l0 + t] * sf;
@@ -337,7 +356,7 @@ struct Kernel {
   // Work units are (sequence, KV head) in order. at::parallel_for would hand each thread the same
   // number of units, but contexts differ a lot in length: here each thread gets one contiguous
   // range of about equal token count. Consecutive units of one sequence run together.
-  static void run(const Problem& p, int64_t B) {
+  static void run(const Problem<E>& p, int64_t B) {
     const int64_t units = B * p.Hkv;
     std::vector<int64_t> cost(units + 1, 0);  // prefix sums; + W: the per-unit fixed work
     for (int64_t u = 0; u < units; ++u) cost[u + 1] = cost[u] + p.lens[u / p.Hkv] + W;
@@ -390,10 +409,13 @@ void dispatch(int64_t lanes, F&& f) {
 }  // namespace
 
 // lanes: 0 for the widest compiled instruction set that divides head_dim, else one of compiled_lanes().
+// query/out float32; the caches float32 or bfloat16 (both the same).
 void paged_decode_f32(torch::Tensor out, torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
                       torch::Tensor block_tables, torch::Tensor seq_lens, double scale, int64_t lanes) {
-  TORCH_CHECK(query.scalar_type() == torch::kFloat && key_cache.scalar_type() == torch::kFloat &&
-              value_cache.scalar_type() == torch::kFloat && out.scalar_type() == torch::kFloat, "float32 only");
+  TORCH_CHECK(query.scalar_type() == torch::kFloat && out.scalar_type() == torch::kFloat, "float32 query and out");
+  const auto cache_type = key_cache.scalar_type();
+  TORCH_CHECK((cache_type == torch::kFloat || cache_type == torch::kBFloat16) &&
+              value_cache.scalar_type() == cache_type, "float32 or bfloat16 caches, both the same");
   TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes(),
               "query/out [B, Hq, D], caches [num_blocks, block_size, Hkv, D]");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
@@ -412,9 +434,6 @@ void paged_decode_f32(torch::Tensor out, torch::Tensor query, torch::Tensor key_
     for (int64_t i = 0; i < (lens[b] + bs - 1) / bs; ++i)
       TORCH_CHECK(bt[b * max_blocks + i] >= 0 && bt[b * max_blocks + i] < num_blocks, "block id out of range");
   }
-  const Problem p{query.data_ptr<float>(), key_cache.data_ptr<float>(), value_cache.data_ptr<float>(),
-                  out.data_ptr<float>(), bt, lens, Hkv, Hq / Hkv, D, bs, max_blocks, Hkv * D,
-                  query.stride(0), query.stride(1), out.stride(0), out.stride(1), static_cast<float>(scale)};
   if (lanes == 0)
     for (int64_t w : compiled_lanes())
       if (D % w == 0) {
@@ -422,7 +441,20 @@ void paged_decode_f32(torch::Tensor out, torch::Tensor query, torch::Tensor key_
         break;
       }
   TORCH_CHECK(D % lanes == 0, "lanes ", lanes, " does not divide head_dim ", D);
-  dispatch(lanes, [&](auto isa) { Kernel<decltype(isa)>::run(p, B); });
+  auto problem = [&](auto* cache_elem) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(cache_elem)>>;
+    return Problem<T>{query.data_ptr<float>(), static_cast<const T*>(key_cache.data_ptr()),
+                      static_cast<const T*>(value_cache.data_ptr()), out.data_ptr<float>(), bt, lens, Hkv, Hq / Hkv, D,
+                      bs, max_blocks, Hkv * D, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+                      static_cast<float>(scale)};
+  };
+  if (cache_type == torch::kBFloat16) {
+    const auto p = problem(static_cast<const uint16_t*>(nullptr));
+    dispatch(lanes, [&](auto isa) { Kernel<decltype(isa), uint16_t>::run(p, B); });
+  } else {
+    const auto p = problem(static_cast<const float*>(nullptr));
+    dispatch(lanes, [&](auto isa) { Kernel<decltype(isa), float>::run(p, B); });
+  }
 }
 
 // For the tests: the kernels' exp, elementwise, with the instruction set of `lanes` floats.
@@ -439,8 +471,8 @@ torch::Tensor exp_f32(torch::Tensor x, int64_t lanes) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_f32", &paged_decode_f32, "paged decode attention, float32, CPU", py::arg("out"),
-        py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"), py::arg("seq_lens"),
+  m.def("paged_decode_f32", &paged_decode_f32, "paged decode attention in float32, float32 or bfloat16 cache, CPU",
+        py::arg("out"), py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"), py::arg("seq_lens"),
         py::arg("scale"), py::arg("lanes") = 0);
   m.def("compiled_lanes", &compiled_lanes, "vector widths (floats) this build has kernels for, widest first");
   m.def("exp_f32", &exp_f32, "the kernels' exp (for the tests)", py::arg("x"), py::arg("lanes"));

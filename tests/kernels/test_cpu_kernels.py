@@ -127,7 +127,41 @@ def test_strided_query_rows_and_int64_tables():
     cpu_kernels.paged_decode_attention(got, query, key_cache, value_cache, tables, lens, 0.125)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert cpu_kernels.supports(query, key_cache)
-    assert not cpu_kernels.supports(query.bfloat16(), key_cache.bfloat16())
+    assert cpu_kernels.supports(query.bfloat16(), key_cache.bfloat16())
+    assert not cpu_kernels.supports(query.half(), key_cache.half())
+    assert not cpu_kernels.supports(query, key_cache.bfloat16())  # the query in the cache's dtype
+
+
+@pytest.mark.parametrize("lanes", _lanes())
+@pytest.mark.parametrize("block_size", [8, 16])
+@pytest.mark.parametrize("head_dim,group", [(64, 3), (128, 4), (80, 1)])
+def test_bfloat16_cache(lanes, block_size, head_dim, group):
+    """A bfloat16 cache is widened as it is read, everything else in float32: the result equals
+    the float32 reference on the same (bf16-valued) numbers to float32 rounding. NaN slots stay NaN
+    in bf16, so reads past a length would still show."""
+    seq_lens = [1, 7, 16, 17, 33, block_size + 1, 300]
+    query, key_cache, value_cache, tables, lens = _problem(seq_lens, block_size, 2 * group, 2, head_dim,
+                                                           seed=lanes + block_size + head_dim)
+    key_cache, value_cache, query = key_cache.bfloat16(), value_cache.bfloat16(), query.bfloat16().float()
+    scale = head_dim ** -0.5
+    expected, got = torch.full_like(query, float("nan")), torch.full_like(query, float("nan"))
+    reference.paged_decode_attention(expected, query, key_cache.float(), value_cache.float(), tables, lens, scale)
+    cpu_kernels.load().paged_decode_f32(got, query, key_cache, value_cache, tables, lens, scale, lanes)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_query_and_out_through_the_wrapper():
+    """The backend's call in a bfloat16 model: bf16 query, cache and out; the result is the
+    float32 one rounded to bf16."""
+    query, key_cache, value_cache, tables, lens = _problem([3, 40, 129], 16, 8, 2, 64, seed=5)
+    query, key_cache, value_cache = query.bfloat16(), key_cache.bfloat16(), value_cache.bfloat16()
+    expected = torch.empty(query.shape)
+    reference.paged_decode_attention(expected, query.float(), key_cache.float(), value_cache.float(), tables, lens,
+                                     0.125)
+    out = torch.full_like(query, float("nan"))
+    cpu_kernels.paged_decode_attention(out, query, key_cache, value_cache, tables, lens, 0.125)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.bfloat16(), rtol=8e-3, atol=1e-5)  # bf16's rounding, no more
 
 
 def test_rejects_what_it_would_read_out_of_bounds():
@@ -143,3 +177,9 @@ def test_rejects_what_it_would_read_out_of_bounds():
         module.paged_decode_f32(out, query, key_cache, value_cache, tables, too_long, 0.125)
     with pytest.raises(RuntimeError, match="lanes"):
         module.paged_decode_f32(out, query, key_cache, value_cache, tables, lens, 0.125, 3)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 caches"):
+        module.paged_decode_f32(out, query, key_cache.half(), value_cache.half(), tables, lens, 0.125)
+    with pytest.raises(RuntimeError, match="both the same"):
+        module.paged_decode_f32(out, query, key_cache.bfloat16(), value_cache, tables, lens, 0.125)
+    with pytest.raises(RuntimeError, match="float32 query and out"):
+        module.paged_decode_f32(out.bfloat16(), query, key_cache, value_cache, tables, lens, 0.125)
