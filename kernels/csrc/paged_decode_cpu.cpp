@@ -303,7 +303,8 @@ struct Kernel {
     for (int64_t l = 0, blk = 0; blk * p.bs < L; ++blk)
       for (int64_t i = 0; i < p.bs && l < L; ++i, ++l) slots[l] = p.tables[b * p.max_blocks + blk] * p.bs + i;
     std::fill(slots.begin() + L, slots.begin() + Lp, slots[L - 1]);
-    const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (W * (h1 - h0) * D * int64_t(sizeof(E)))) * W;  // tokens
+    const int64_t row_bytes = (h1 - h0) * D * static_cast<int64_t>(sizeof(E));
+    const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (W * row_bytes)) * W;  // in tokens
     auto prefetch_first = [&](const E* cache) {
       for (int64_t l0 = 0; l0 < std::min(ahead, Lp); l0 += W)
         prefetch_rows(cache, &slots[l0], sf, h0 * D, (h1 - h0) * D);
@@ -472,8 +473,8 @@ torch::Tensor exp_f32(torch::Tensor x, int64_t lanes) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_f32", &paged_decode_f32, "paged decode attention in float32, float32 or bfloat16 cache, CPU",
-        py::arg("out"), py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"), py::arg("seq_lens"),
-        py::arg("scale"), py::arg("lanes") = 0);
+        py::arg("out"), py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
+        py::arg("seq_lens"), py::arg("scale"), py::arg("lanes") = 0);
   m.def("compiled_lanes", &compiled_lanes, "vector widths (floats) this build has kernels for, widest first");
   m.def("exp_f32", &exp_f32, "the kernels' exp (for the tests)", py::arg("x"), py::arg("lanes"));
 }
