@@ -16,6 +16,7 @@ import random
 
 import pytest
 import torch
+from hf_reference import hf_greedy
 
 from shared.config import ServerConfig
 from shared.models import ModelNotFound, resolve_model
@@ -102,18 +103,6 @@ def paged_logits(runner: ModelRunner, prompts: list[list[int]], first_chunk: int
 def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         return hf_model(torch.tensor([ids])).logits[0].float()
-
-
-def hf_greedy(hf_model, ids: list[int], num_tokens: int) -> list[int]:
-    """Greedy continuation with transformers' own KV cache, ignoring EOS."""
-    out, past, generated, step_input = None, None, [], torch.tensor([ids])
-    with torch.inference_mode():
-        for _ in range(num_tokens):
-            out = hf_model(step_input, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            generated.append(int(out.logits[0, -1].argmax()))
-            step_input = torch.tensor([[generated[-1]]])
-    return generated
 
 
 # ---- (1) the default GGUF model ------------------------------------------------------------

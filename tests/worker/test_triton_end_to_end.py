@@ -17,6 +17,7 @@ import random
 
 import pytest
 import torch
+from hf_reference import hf_greedy
 from tiny_llama import write_tiny_llama
 
 if not torch.cuda.is_available():
@@ -48,18 +49,6 @@ def tiny_llama(tmp_path_factory):
 def prompts() -> list[list[int]]:
     gen = torch.Generator().manual_seed(11)
     return [torch.randint(0, 512, (n,), generator=gen).tolist() for n in PROMPT_LENS]
-
-
-def hf_greedy(hf, ids: list[int], num_tokens: int) -> list[int]:
-    """transformers' greedy continuation through its own KV cache."""
-    past, generated, step_input = None, [], torch.tensor([ids], device=DEVICE)
-    with torch.inference_mode():
-        for _ in range(num_tokens):
-            out = hf(step_input, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            generated.append(int(out.logits[0, -1].argmax()))
-            step_input = torch.tensor([[generated[-1]]], device=DEVICE)
-    return generated
 
 
 def our_runner(model_dir: str, enforce_eager: bool = False):
