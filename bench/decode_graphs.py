@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     blocks_per_seq = -(-(args.context + 2 * args.steps + 1) // bs)
     with tempfile.TemporaryDirectory() as model_dir:
         write_random_model(args.preset, model_dir)
-        runner = ModelRunner(ServerConfig(
+        runner = ModelRunner(ServerConfig.from_settings(
             model=model_dir, device=str(device), dtype="bfloat16" if cuda else "float32", load_format="dummy",
             attention_backend="triton", block_size=bs, max_num_seqs=max_batch,
             num_kv_blocks=max_batch * blocks_per_seq, max_model_len=blocks_per_seq * bs))

@@ -29,7 +29,7 @@ class BenchServer:
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "serve", "--listen", self.address, "--run-dir", self._run_dir.name,
+            [sys.executable, "-m", "launcher", "serve", "--listen", self.address, "--run-dir", self._run_dir.name,
              *flags], stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + ready_timeout_s
         while not self._ready():

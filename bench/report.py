@@ -11,7 +11,7 @@ from importlib import metadata
 
 def environment(device: str) -> dict:
     """Machine, device and library versions, so a result names what produced it."""
-    # `pagedserve bench ...` and `python -m shared.cli bench ...` run the same thing: name it once.
+    # `pagedserve bench ...` and `python -m launcher bench ...` run the same thing: name it once.
     via_cli = os.path.basename(sys.argv[0]) in ("pagedserve", "cli.py")
     env = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
            "command": " ".join(["pagedserve", *sys.argv[1:]]) if via_cli else " ".join(sys.argv)}

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("bench", "warning")
     blocks_per_seq = -(-(args.context + args.steps + 1) // args.block_size)
     extra = {"attention_backend": args.attention_backend} if args.attention_backend else {}
-    config = ServerConfig(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+    config = ServerConfig.from_settings(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                           num_kv_blocks=args.batch * blocks_per_seq + 1,
                           max_num_batched_tokens=max(2048, args.context), max_num_seqs=max(256, args.batch),
                           cpu_linear=args.cpu_linear, **extra)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                        list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), greedy) for i in range(args.batch)]
     step_id = 0
     # Prefill a few sequences per step, within the token budget.
-    per_step = max(1, config.max_num_batched_tokens // args.context)
+    per_step = max(1, config.scheduler.max_num_batched_tokens // args.context)
     for first in range(0, args.batch, per_step):
         ids = range(first, min(args.batch, first + per_step))
         runner.execute(StepPlan(step_id, [ScheduledSeq(i, args.context, 0) for i in ids],

@@ -32,7 +32,7 @@ def run_frontend(config: ServerConfig) -> int:
     from frontend.server import FrontendServer
     from frontend.tokenizer import Tokenizer
 
-    files = resolve_model(config.model)
+    files = resolve_model(config.model.model)
     tokenizer = Tokenizer(files)
     log.info("frontend.tokenizer_loaded", model=files.name, vocab=len(tokenizer))
     server = FrontendServer(config, tokenizer, files.name)
@@ -57,7 +57,7 @@ async def _serve_until_stopped(server, config: ServerConfig, notifier: Notifier)
         if serving.done():
             serving.result()  # a fatal error: raise it
             raise RuntimeError("the frontend's server loop ended by itself")
-        await _drain(server, config.drain_timeout_s, abort_now, notifier)
+        await _drain(server, config.operations.drain_timeout_s, abort_now, notifier)
     finally:
         for task in (serving, watchdog, stopping):
             task.cancel()
@@ -69,7 +69,7 @@ async def _serve_until_stopped(server, config: ServerConfig, notifier: Notifier)
 
 async def _ready_then_watchdog(server, notifier: Notifier) -> None:
     await server.became_ready.wait()
-    notifier.ready(f"serving on {server.config.listen}")
+    notifier.ready(f"serving on {server.config.endpoints.listen}")
     period = notifier.tick_period_s
     while period is not None:
         notifier.tick()

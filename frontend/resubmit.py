@@ -65,7 +65,7 @@ class SchedulerRecovery:
         self.info = msg  # the model's facts, for validation; kept while a new scheduler starts
         if not self.ever_ready:
             self.ever_ready = True
-            log.info("server.ready", listen=self.config.listen, model=msg.model, max_model_len=msg.max_model_len,
+            log.info("server.ready", listen=self.config.endpoints.listen, model=msg.model, max_model_len=msg.max_model_len,
                      kv_blocks=msg.num_device_blocks, block_size=msg.block_size)
             self.became_ready.set()
         if any(req.held for req in self.requests.values()):

@@ -89,7 +89,7 @@ class FrontendServer(SchedulerRecovery):
         self.clients = make_router(self.ctx, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM)
         self.clients.setsockopt(zmq.HEARTBEAT_IVL, CLIENT_HEARTBEAT_IVL_MS)
         self.clients.setsockopt(zmq.HEARTBEAT_TIMEOUT, CLIENT_HEARTBEAT_TIMEOUT_MS)
-        self.engine = EngineClient(self.ctx, config.frontend_addr(), self._on_engine_message)
+        self.engine = EngineClient(self.ctx, config.endpoints.scheduler_addr_for_frontends(), self._on_engine_message)
         self.info: p.EngineInfo | None = None  # the last ready EngineInfo: the model's facts
         self.latest: p.EngineInfo | None = None  # the last EngineInfo of all
         self.scheduler_id = ""  # the scheduler process answering us (a new one: resubmit)
@@ -113,8 +113,8 @@ class FrontendServer(SchedulerRecovery):
     # -- main loop ----------------------------------------------------------
     async def run(self) -> None:
         auth = self._start_curve()
-        bind(self.clients, self.config.listen)
-        log.info("frontend.listening", listen=self.config.listen, scheduler=self.config.frontend_addr(),
+        bind(self.clients, self.config.endpoints.listen)
+        log.info("frontend.listening", listen=self.config.endpoints.listen, scheduler=self.config.endpoints.scheduler_addr_for_frontends(),
                  curve=auth is not None)
         tasks = [asyncio.create_task(self.engine.run()), asyncio.create_task(self._ping_loop()),
                  asyncio.create_task(self._client_loop()), asyncio.create_task(self._keepalive_loop())]
@@ -131,18 +131,18 @@ class FrontendServer(SchedulerRecovery):
     def _start_curve(self):
         """CURVE with a client allowlist (shared/curve.py), when configured: a ZAP handler on this
         event loop admits the public keys in curve_clients_dir. Before bind, so no client slips in."""
-        if not self.config.curve_secret_key_file:
+        if not self.config.frontend.curve_secret_key_file:
             return None
         from zmq.auth.asyncio import AsyncioAuthenticator
 
         from shared.curve import make_server
 
-        if not os.path.isdir(self.config.curve_clients_dir):
-            raise ValueError(f"curve_clients_dir {self.config.curve_clients_dir} is not a directory")
-        make_server(self.clients, self.config.curve_secret_key_file)
+        if not os.path.isdir(self.config.frontend.curve_clients_dir):
+            raise ValueError(f"curve_clients_dir {self.config.frontend.curve_clients_dir} is not a directory")
+        make_server(self.clients, self.config.frontend.curve_secret_key_file)
         auth = AsyncioAuthenticator(self.ctx)
         auth.start()
-        auth.configure_curve(domain="*", location=self.config.curve_clients_dir)
+        auth.configure_curve(domain="*", location=self.config.frontend.curve_clients_dir)
         return auth
 
     async def _client_loop(self) -> None:
@@ -202,14 +202,14 @@ class FrontendServer(SchedulerRecovery):
             raise BadRequest(ErrorCode.SHUTTING_DOWN, "the server is shutting down: send this request elsewhere")
         if not self.ever_ready:
             raise BadRequest(ErrorCode.UNAVAILABLE, "the server is starting: no worker is ready yet")
-        if not self.ready and sum(r.held for r in self.requests.values()) >= self.config.max_waiting:
+        if not self.ready and sum(r.held for r in self.requests.values()) >= self.config.scheduler.max_waiting:
             raise BadRequest(ErrorCode.OVERLOADED, "the scheduler is recovering and max_waiting requests "
                                                    "wait for it already: retry later")
         if msg.request_id in self.requests or msg.request_id in self.by_engine:
             raise BadRequest(ErrorCode.INVALID_REQUEST, f"request id {msg.request_id!r} is already in flight")
-        if self.per_client.get(client, 0) >= self.config.max_client_requests:
+        if self.per_client.get(client, 0) >= self.config.frontend.max_client_requests:
             raise BadRequest(ErrorCode.OVERLOADED, f"this client has max_client_requests "
-                                                   f"{self.config.max_client_requests} requests in flight: retry "
+                                                   f"{self.config.frontend.max_client_requests} requests in flight: retry "
                                                    f"when some have finished")
         prompt_ids = self._prompt_ids(msg)
         self._check_lengths(prompt_ids, msg.params)

@@ -65,13 +65,13 @@ class SchedulerLoop(WorkerLink):
         self._unknown_frontend_logged = float("-inf")
         self._frontend_drops: dict[bytes, int] = {}  # identity -> times declared gone (EngineInfo.frontend_drops)
         self.scheduler_id = uuid.uuid4().hex[:12]
-        self.workers = WorkerGroup(config.tensor_parallel_size)
+        self.workers = WorkerGroup(config.parallel.tensor_parallel_size)
         self.scheduler: Scheduler | None = None
         self.in_flight: p.StepPlan | None = None
         self._plan_timing = (0.0, 0.0)  # perf_counter seconds: the in-flight plan's schedule start, and its send
-        self.info = p.EngineInfo(ready=False, workers_expected=config.tensor_parallel_size,
+        self.info = p.EngineInfo(ready=False, workers_expected=config.parallel.tensor_parallel_size,
                                  scheduler_id=self.scheduler_id)
-        self._next_stats_at = time.monotonic() + config.stats_interval_s
+        self._next_stats_at = time.monotonic() + config.scheduler.stats_interval_s
         self.step_stats = StepStats()
         self.step_stats.sample(time.monotonic(), 0)  # rates count from start-up
         self._last_logged_steps: int | None = None
@@ -89,11 +89,11 @@ class SchedulerLoop(WorkerLink):
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        bind(self.frontend_sock, self.config.frontend_addr())
-        bind(self.worker_sock, self.config.worker_addr())
-        log.info("scheduler.listening", frontends=self.config.frontend_addr(), workers=self.config.worker_addr(),
-                 workers_expected=self.config.tensor_parallel_size)
-        self.notifier.ready(f"listening; waiting for {self.config.tensor_parallel_size} worker(s)")
+        bind(self.frontend_sock, self.config.endpoints.scheduler_addr_for_frontends())
+        bind(self.worker_sock, self.config.endpoints.scheduler_addr_for_workers())
+        log.info("scheduler.listening", frontends=self.config.endpoints.scheduler_addr_for_frontends(), workers=self.config.endpoints.scheduler_addr_for_workers(),
+                 workers_expected=self.config.parallel.tensor_parallel_size)
+        self.notifier.ready(f"listening; waiting for {self.config.parallel.tensor_parallel_size} worker(s)")
         poller = zmq.Poller()
         poller.register(self.frontend_sock, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
@@ -120,9 +120,9 @@ class SchedulerLoop(WorkerLink):
             first = self._signals_seen == 0 and self.signals == 1
             self._signals_seen = self.signals
             if first:
-                self._drain_deadline = time.monotonic() + self.config.drain_timeout_s
+                self._drain_deadline = time.monotonic() + self.config.operations.drain_timeout_s
                 in_flight = self.scheduler.stats()["requests_in_flight"] if self.scheduler else 0
-                log.info("scheduler.draining", requests_in_flight=in_flight, timeout_s=self.config.drain_timeout_s)
+                log.info("scheduler.draining", requests_in_flight=in_flight, timeout_s=self.config.operations.drain_timeout_s)
                 self.notifier.stopping(f"draining {in_flight} request(s)")
             else:
                 self._abort_all("second_signal")
@@ -304,7 +304,7 @@ class SchedulerLoop(WorkerLink):
     def _log_stats(self) -> None:
         """Every interval while there is work; when idle, once more and then every IDLE_STATS_EVERY."""
         now = time.monotonic()
-        self._next_stats_at = now + self.config.stats_interval_s
+        self._next_stats_at = now + self.config.scheduler.stats_interval_s
         if self.scheduler is None:
             return
         self.step_stats.sample(now, self.scheduler.stats().get("tokens_generated", 0))

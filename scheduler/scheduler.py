@@ -64,20 +64,20 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.max_num_batched_tokens = config.max_num_batched_tokens or max(max_model_len, 2048)
-        self.max_waiting = config.max_waiting  # sequences queued for admission, preempted ones included
+        self.max_num_batched_tokens = config.scheduler.resolved_max_num_batched_tokens(max_model_len)
+        self.max_waiting = config.scheduler.max_waiting  # sequences queued for admission, preempted ones included
         self.block_manager = BlockManager(num_device_blocks, block_size, num_host_blocks=num_host_blocks,
-                                          enable_prefix_caching=config.enable_prefix_caching)
+                                          enable_prefix_caching=config.scheduler.enable_prefix_caching)
         self.policy = BatchPolicy(
             self.block_manager,
-            max_num_seqs=config.max_num_seqs,
+            max_num_seqs=config.scheduler.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
-            enable_chunked_prefill=config.enable_chunked_prefill,
-            preemption_mode=config.preemption_mode,
+            enable_chunked_prefill=config.scheduler.enable_chunked_prefill,
+            preemption_mode=config.scheduler.preemption_mode,
             on_preempt=self._on_preempt,
         )
         self._limits = Limits(max_model_len, vocab_size, num_device_blocks, block_size, self.max_num_batched_tokens,
-                              config.enable_chunked_prefill)
+                              config.scheduler.enable_chunked_prefill)
         self._requests: dict[str, Request] = {}  # in flight: at least one sequence unfinished
         self._seqs: dict[int, Sequence] = {}  # unfinished sequences
         self._next_seq_id = 0

@@ -111,7 +111,7 @@ class WorkerLink:
         refusal = self.workers.refusal(hello)
         if refusal is not None:
             log.error("scheduler.worker_rejected", rank=hello.rank, world_size=hello.world_size,
-                      expected=self.config.tensor_parallel_size, reason=refusal)
+                      expected=self.config.parallel.tensor_parallel_size, reason=refusal)
             self._send_worker(ident, p.Shutdown(reason=refusal))
             return
         if self.workers.rank_of(ident) == hello.rank:  # the same process repeated its hello
@@ -184,7 +184,7 @@ class WorkerLink:
             in_flight = self.scheduler.stats()["requests_in_flight"]
         extra = {"silent_s": round(silent_s, 3)} if silent_s is not None else {}
         log.error("scheduler.worker_group_failed", rank=rank, step_id=plan.step_id if plan else failed_step,
-                  workers=self.config.tensor_parallel_size, cause=cause, requests_kept=in_flight,
+                  workers=self.config.parallel.tensor_parallel_size, cause=cause, requests_kept=in_flight,
                   requests_failed=sorted({delta.request_id for _, delta in convicted}), **extra)
         self._send_deltas(convicted)
         self.notifier.status(f"worker group failed (rank {rank}, {cause}); waiting for it to rejoin")
@@ -195,7 +195,7 @@ class WorkerLink:
         """Called every loop turn (at most IDLE_POLL_MS apart)."""
         if self.scheduler is None:
             return
-        overdue = self.workers.overdue(time.monotonic(), self.config.heartbeat_timeout_s)
+        overdue = self.workers.overdue(time.monotonic(), self.config.scheduler.heartbeat_timeout_s)
         if overdue is not None:
             rank, silent_s = overdue
             self._fail_group(rank, "heartbeat_timeout", silent_s=silent_s)

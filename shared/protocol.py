@@ -26,6 +26,12 @@ from typing import Annotated, Any, Union
 import msgspec
 from msgspec import Meta, Struct, field
 
+# The internal sockets' protocol (frontend <-> scheduler <-> worker). Bumped when a message
+# changes meaning; each hello carries it, and the scheduler refuses a peer of another version
+# with a message naming both (a frontend or worker left running across an upgrade).
+# 2: stop-string finishes moved from AbortRequests to FinishOutputs.
+PROTOCOL_VERSION = 2
+
 # Bounds on untrusted sizes. The frame itself is bounded by ZMQ_MAXMSGSIZE (shared/ipc.py).
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_TEXT_CHARS = 1 << 24
@@ -289,6 +295,7 @@ class FrontendHello(_Internal, tag="fe_hello"):
     `EngineInfo.scheduler_id` that the scheduler restarted."""
 
     frontend_id: str
+    protocol_version: int = 1  # absent in frames of version 1, which had no such field
 
 
 class AddRequest(_Internal, tag="add"):
@@ -307,18 +314,23 @@ class AddRequest(_Internal, tag="add"):
 
 
 class AbortRequests(_Internal, tag="abort"):
-    """Abort whole requests; and/or finish single outputs, as (request id, output index) pairs,
-    with reason "stop" (one of n outputs ended by a stop string: its blocks are freed now)."""
+    """Abort whole requests: each unfinished output ends with reason "abort"."""
 
     request_ids: list[str]
-    stop_outputs: list[tuple[str, int]] = field(default_factory=list)
+
+
+class FinishOutputs(_Internal, tag="finish_outputs"):
+    """Finish single outputs, as (request id, output index) pairs, with reason "stop": the
+    frontend matched a stop string in one of n outputs, so its blocks are freed now."""
+
+    outputs: list[tuple[str, int]]
 
 
 class StatsQuery(_Internal, tag="stats_q"):
     query_id: str
 
 
-FrontendMessage = Union[FrontendHello, AddRequest, AbortRequests, StatsQuery]
+FrontendMessage = Union[FrontendHello, AddRequest, AbortRequests, FinishOutputs, StatsQuery]
 
 
 class EngineInfo(_Internal, tag="engine_info"):
@@ -337,6 +349,12 @@ class EngineInfo(_Internal, tag="engine_info"):
     # Times this scheduler declared the receiving frontend gone (silent, or unreachable) and aborted
     # its requests: a change tells a frontend that was only paused to resubmit what it holds.
     frontend_drops: int = 0
+    # The scheduler's own limits, so the frontend validates exactly as admission does
+    # (shared/validation.py).
+    max_num_batched_tokens: int = 0  # tokens per step
+    enable_chunked_prefill: bool = True
+    # Set when the scheduler refuses this frontend: its protocol version is not ours.
+    refusal: str = ""
 
 
 class TokenDelta(_Internal, tag="td"):
@@ -389,6 +407,7 @@ class WorkerHello(_Internal, tag="w_hello"):
     dtype: str
     device: str
     memory: dict[str, int] = field(default_factory=dict)  # bytes: weights, kv_cache, ...
+    protocol_version: int = 1  # absent in frames of version 1, which had no such field
 
 
 class NewSeq(Struct, array_like=True, omit_defaults=True):

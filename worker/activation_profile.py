@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 def profile_activation_peak(runner: "ModelRunner") -> int:
     """Peak bytes above the weights of a forward pass over max_num_batched_tokens prompt tokens
     plus sampling of max_num_seqs rows, on a throwaway KV cache (its bytes excluded)."""
-    cfg, a, bs = runner.config, runner.args, runner.config.block_size
+    cfg, a, bs = runner.config, runner.args, runner.config.worker.block_size
     lens, left = [], runner.max_num_batched_tokens
     while left > 0:
         lens.append(min(left, runner.max_model_len))
@@ -46,16 +46,16 @@ def profile_activation_peak(runner: "ModelRunner") -> int:
         scheduled.append(ScheduledSeq(seq_id=i, num_tokens=n, num_computed_tokens=0))
     inputs = batch.prepare(scheduled)
     hidden = runner.model(inputs.input_ids, inputs.positions, inputs.meta, cache.layers())
-    rows = hidden[torch.arange(cfg.max_num_seqs, device=runner.device) % hidden.shape[0]]
+    rows = hidden[torch.arange(cfg.scheduler.max_num_seqs, device=runner.device) % hidden.shape[0]]
     logits = runner.compute_logits(rows)  # None on ranks other than 0: they do not sample
     if logits is not None:
         # Every sampling stage at once; the penalty state is as large as the real batch's (2 rows per seq).
         profile_params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, min_p=0.05, seed=1,
                                         repetition_penalty=1.1, logprobs=MAX_LOGPROBS)
-        state = SamplingState(2 * cfg.max_num_seqs, a.vocab_size, runner.device)
-        for row in range(cfg.max_num_seqs):
+        state = SamplingState(2 * cfg.scheduler.max_num_seqs, a.vocab_size, runner.device)
+        for row in range(cfg.scheduler.max_num_seqs):
             state.set_row(row, profile_params, 0, [0, 0], 1)
-        meta = state.metadata(np.arange(cfg.max_num_seqs), np.zeros(cfg.max_num_seqs, dtype=np.int64))
+        meta = state.metadata(np.arange(cfg.scheduler.max_num_seqs), np.zeros(cfg.scheduler.max_num_seqs, dtype=np.int64))
         Sampler(runner.device).sample(logits, meta, state)
         del state, meta
     torch.cuda.synchronize(runner.device)

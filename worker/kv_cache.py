@@ -65,25 +65,25 @@ def mem_available_bytes() -> int:
 
 def kv_cache_budget_bytes(config: ServerConfig, device: torch.device, weights_bytes: int,
                           activation_peak_bytes: int) -> int:
-    """Bytes we may spend on KV blocks on `device` (before `config.num_kv_blocks` overrides).
+    """Bytes we may spend on KV blocks on `device` (before `config.worker.num_kv_blocks` overrides).
 
     CPU: ``kv_cache_memory_gib``, else min(4 GiB, 30% of MemAvailable) (weights are already
     loaded, so MemAvailable is net of them). CUDA: ``total * gpu_memory_utilization - weights -
     activation peak``, never more than what is free now.
     """
     if device.type == "cpu":
-        if config.kv_cache_memory_gib is not None:
-            return int(config.kv_cache_memory_gib * GIB)
+        if config.worker.kv_cache_memory_gib is not None:
+            return int(config.worker.kv_cache_memory_gib * GIB)
         return min(CPU_DEFAULT_MAX_BYTES, int(CPU_DEFAULT_SHARE * mem_available_bytes()))
     free, total = torch.cuda.mem_get_info(device)
-    budget = int(total * config.gpu_memory_utilization) - weights_bytes - activation_peak_bytes
+    budget = int(total * config.worker.gpu_memory_utilization) - weights_bytes - activation_peak_bytes
     return max(0, min(budget, free))
 
 
 def plan_num_blocks(config: ServerConfig, budget_bytes: int, block_bytes: int) -> int:
-    """Blocks to allocate: `config.num_kv_blocks` if set, else what fits the budget."""
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
+    """Blocks to allocate: `config.worker.num_kv_blocks` if set, else what fits the budget."""
+    if config.worker.num_kv_blocks is not None:
+        return config.worker.num_kv_blocks
     num_blocks = budget_bytes // block_bytes
     if num_blocks < 1:
         raise RuntimeError(

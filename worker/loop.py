@@ -55,7 +55,7 @@ class WorkerLoop:
         from worker.model_runner import ModelRunner  # torch import happens here, after logging is set up
 
         self.config = config
-        self.rank = config.worker_rank
+        self.rank = config.parallel.worker_rank
         self.runner = ModelRunner(config)
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = p.decoder_for(p.PlanMessage)
@@ -64,7 +64,7 @@ class WorkerLoop:
         self._signals_seen = 0
         self._drain_deadline: float | None = None  # monotonic seconds
         # Heartbeat period: a quarter of the scheduler's timeout, so one lost or late beat is harmless.
-        self._beat_every_s = min(1.0, config.heartbeat_timeout_s / 4)
+        self._beat_every_s = min(1.0, config.scheduler.heartbeat_timeout_s / 4)
         self._last_sent = 0.0  # monotonic seconds of our last message to the scheduler
         self._hello: p.WorkerHello | None = None
 
@@ -82,7 +82,7 @@ class WorkerLoop:
         ctx = zmq.Context()
         # One identity per process: the scheduler must tell a restarted worker from its predecessor.
         sock = make_dealer(ctx, identity=f"worker-{self.rank}-{uuid.uuid4().hex[:8]}".encode())
-        sock.connect(self.config.worker_addr())
+        sock.connect(self.config.endpoints.scheduler_addr_for_workers())
         self._send(sock, hello)
         self.notifier.status(f"KV cache allocated ({hello.num_device_blocks} blocks); waiting for the scheduler")
         try:
@@ -149,7 +149,7 @@ class WorkerLoop:
                 self._begin_drain()
             if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
                 log.warning("worker.drain_timeout", rank=self.rank,
-                            timeout_s=self.config.drain_timeout_s + DRAIN_MARGIN_S)
+                            timeout_s=self.config.operations.drain_timeout_s + DRAIN_MARGIN_S)
                 return self._stopped("drain timeout")
             if time.monotonic() - self._last_sent >= self._beat_every_s:
                 self._send(sock, p.Heartbeat(rank=self.rank))
@@ -186,7 +186,7 @@ class WorkerLoop:
             return None
 
     def _begin_drain(self) -> None:
-        timeout_s = self.config.drain_timeout_s + DRAIN_MARGIN_S
+        timeout_s = self.config.operations.drain_timeout_s + DRAIN_MARGIN_S
         self._drain_deadline = time.monotonic() + timeout_s
         log.info("worker.draining", rank=self.rank, timeout_s=timeout_s)
         self.notifier.stopping("draining: executing plans until the scheduler says shut down")

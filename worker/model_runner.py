@@ -45,12 +45,12 @@ class ModelRunner:
     def __init__(self, config: ServerConfig, attention_backend: str | None = None):
         config.validate()
         self.config = config
-        self.device = torch.device(config.device)
-        self.swap_space_gib = config.swap_space_gib  # host swap space for swapped-out KV blocks, GiB
-        self.attention_backend = get_attention_backend(attention_backend or config.attention_backend, self.device).name
+        self.device = torch.device(config.worker.device)
+        self.swap_space_gib = config.worker.swap_space_gib  # host swap space for swapped-out KV blocks, GiB
+        self.attention_backend = get_attention_backend(attention_backend or config.worker.attention_backend, self.device).name
         self.model = None
         self.memory_profile: dict[str, int] = {}
-        self.group = ParallelGroup(config.worker_rank, config.tensor_parallel_size)
+        self.group = ParallelGroup(config.parallel.worker_rank, config.parallel.tensor_parallel_size)
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -61,35 +61,35 @@ class ModelRunner:
         config, device = self.config, self.device
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        self.files = resolve_model(config.model)
-        self.dtype = resolve_dtype(config.dtype, device)
+        self.files = resolve_model(config.model.model)
+        self.dtype = resolve_dtype(config.worker.dtype, device)
         backend = get_attention_backend(self.attention_backend, device)
         # Copy-on-write through the backend's kernel (one launch for every layer) where it has one.
         self._copy_blocks = getattr(backend, "copy_blocks", reference.copy_blocks)
-        loaded = load_model(self.files, device, self.dtype, backend, self.group, load_format=config.load_format)
+        loaded = load_model(self.files, device, self.dtype, backend, self.group, load_format=config.worker.load_format)
         self.model, self.args, self.eos_token_ids = loaded.model, loaded.args, loaded.eos_token_ids
         weights_bytes = loaded.weights_bytes
         self.cpu_linear = "torch"
-        if should_pack(device, self.dtype, config.cpu_linear):
+        if should_pack(device, self.dtype, config.worker.cpu_linear):
             weights_bytes += pack_linears(self.model)
             self.cpu_linear = "onednn"
         # After loading, so a rank that cannot load fails before the others wait for it.
-        self.group.init(config.dist_init_addr, device, config.dist_timeout_s)
+        self.group.init(config.parallel.dist_init_addr, device, config.parallel.dist_timeout_s)
         self.num_kv_heads = self.model.layout.num_kv_heads  # this rank's: its share of each block
         self.max_model_len = self._resolve_max_model_len()
-        self.max_num_batched_tokens = config.max_num_batched_tokens or max(self.max_model_len, 2048)
+        self.max_num_batched_tokens = config.scheduler.resolved_max_num_batched_tokens(self.max_model_len)
 
         a = self.args
-        block_bytes = bytes_per_block(a.num_layers, config.block_size, self.num_kv_heads, a.head_dim, self.dtype)
+        block_bytes = bytes_per_block(a.num_layers, config.worker.block_size, self.num_kv_heads, a.head_dim, self.dtype)
         activation_peak = profile_activation_peak(self) if device.type == "cuda" else 0
         budget = kv_cache_budget_bytes(config, device, weights_bytes, activation_peak)
         num_blocks = plan_num_blocks(config, budget, block_bytes)
-        self.kv_cache = allocate_kv_cache(a.num_layers, num_blocks, config.block_size, self.num_kv_heads,
+        self.kv_cache = allocate_kv_cache(a.num_layers, num_blocks, config.worker.block_size, self.num_kv_heads,
                                           a.head_dim, self.dtype, device)
         num_host_blocks = int(self.swap_space_gib * GIB) // block_bytes
         self.host_cache: KVCache | None = None
         if num_host_blocks:
-            self.host_cache = allocate_kv_cache(a.num_layers, num_host_blocks, config.block_size, self.num_kv_heads,
+            self.host_cache = allocate_kv_cache(a.num_layers, num_host_blocks, config.worker.block_size, self.num_kv_heads,
                                                 a.head_dim, self.dtype, torch.device("cpu"),
                                                 pin_memory=device.type == "cuda")
         self.num_host_blocks = num_host_blocks
@@ -100,9 +100,9 @@ class ModelRunner:
             "bytes_per_block": block_bytes,
             "host_cache_bytes": self.host_cache.nbytes() if self.host_cache else 0,
         }
-        self.batch = InputBatch(config.block_size, self.max_model_len, device, initial_rows=2 * config.max_num_seqs,
+        self.batch = InputBatch(config.worker.block_size, self.max_model_len, device, initial_rows=2 * config.scheduler.max_num_seqs,
                                 vocab_size=a.vocab_size, eos_token_ids=self.eos_token_ids)
-        self.sampler = Sampler(device, config.seed)
+        self.sampler = Sampler(device, config.model.seed)
         self.decode_graphs: DecodeGraphs | None = None
         self.cuda_graphs = self._capture_cuda_graphs()
         # worker/loop.py logs `worker.ready` after the handshake; this is the load itself.
@@ -112,7 +112,7 @@ class ModelRunner:
                  attention_backend=self.attention_backend, cpu_decode_kernel=_cpu_kernel_status(backend),
                  cpu_linear=self.cpu_linear, cuda_graphs=self.cuda_graphs,
                  num_device_blocks=num_blocks,
-                 num_host_blocks=num_host_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
+                 num_host_blocks=num_host_blocks, block_size=config.worker.block_size, max_model_len=self.max_model_len,
                  max_num_batched_tokens=self.max_num_batched_tokens, load_s=round(time.perf_counter() - started, 3),
                  **self.memory_profile)
 
@@ -121,7 +121,7 @@ class ModelRunner:
         "captured", "off: <why not>", or "failed: <error>" (the worker then runs eagerly)."""
         if self.device.type != "cuda":
             return "off: no CUDA"
-        if self.config.enforce_eager:
+        if self.config.worker.enforce_eager:
             return "off: enforce_eager"
         if self.attention_backend != "triton":
             return f"off: attention backend {self.attention_backend} (syncs with the host)"
@@ -147,7 +147,7 @@ class ModelRunner:
         """Replay decode steps of up to max_num_seqs sequences from graphs made by `capture`
         (worker/decode_graphs.py; tests pass `eager_capture` on CPU)."""
         graphs = DecodeGraphs(lambda ids, pos, meta: self.model(ids, pos, meta, self.kv_cache.layers()),
-                              capture_sizes(self.config.max_num_seqs), self.batch.max_blocks_per_seq, self.device)
+                              capture_sizes(self.config.scheduler.max_num_seqs), self.batch.max_blocks_per_seq, self.device)
         graphs.capture(capture)
         self.decode_graphs = graphs
 
@@ -157,7 +157,7 @@ class ModelRunner:
         model_len = self.args.max_position_embeddings
         if self.args.sliding_window:
             model_len = min(model_len, self.args.sliding_window)
-        wanted = self.config.max_model_len
+        wanted = self.config.model.max_model_len
         if wanted is None:
             return model_len
         if wanted > model_len:
@@ -171,7 +171,7 @@ class ModelRunner:
         world_size = self.group.world_size if world_size is None else world_size
         return WorkerHello(
             rank=rank, world_size=world_size, num_device_blocks=self.kv_cache.num_blocks,
-            num_host_blocks=self.num_host_blocks, block_size=self.config.block_size,
+            num_host_blocks=self.num_host_blocks, block_size=self.config.worker.block_size,
             max_model_len=self.max_model_len, vocab_size=self.args.vocab_size,
             eos_token_ids=list(self.eos_token_ids), model=self.files.name,
             dtype=str(self.dtype).removeprefix("torch."), device=str(self.device), memory=dict(self.memory_profile),

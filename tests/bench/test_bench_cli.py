@@ -14,7 +14,7 @@ TINY = ["--num-prompts", "3", "--dataset", "synthetic", "--max-output-len", "5",
 
 
 def _bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", "bench", *args, *TINY, "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "launcher", "bench", *args, *TINY, "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -38,7 +38,7 @@ class ServerProcess:
         self.non_json_lines: list[str] = []
         self._ready = threading.Event()
         self.roles = roles
-        self.procs = [subprocess.Popen([sys.executable, "-m", "shared.cli", role, *flags], stdout=subprocess.PIPE,
+        self.procs = [subprocess.Popen([sys.executable, "-m", "launcher", role, *flags], stdout=subprocess.PIPE,
                                        env={**os.environ, **(role_env or {}).get(role, {})},
                                        stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
                                        start_new_session=True) for role in roles]

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _keygen(directory, name: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", "keygen", str(directory), "--name", name], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "launcher", "keygen", str(directory), "--name", name], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert stat.S_IMODE(os.stat(directory / f"{name}.key_secret").st_mode) == 0o600

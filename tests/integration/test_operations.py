@@ -79,7 +79,7 @@ def check_events_against_docs(events: list[dict]) -> None:
 def test_every_logged_event_is_documented_and_every_documented_one_is_logged():
     documented, logged = set(documented_events()), logged_event_names()
     assert logged - documented == set(), "logged but not in docs/events.md"
-    # `<role>.fatal` is logged with a computed name (shared/cli.py).
+    # `<role>.fatal` is logged with a computed name (launcher/cli.py).
     assert {n for n in documented - logged if not n.endswith(".fatal")} == set(), "documented but never logged"
 
 
@@ -146,7 +146,7 @@ def test_sigterm_to_serve_drains_eight_streams_and_refuses_new_ones(tmp_path):
     srv = ServerProcess(str(tmp_path / "run"), "--drain-timeout", "300")
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     try:
-        table = subprocess.run([sys.executable, "-m", "shared.cli", "stats", "--server", srv.address], cwd=ROOT,
+        table = subprocess.run([sys.executable, "-m", "launcher", "stats", "--server", srv.address], cwd=ROOT,
                                capture_output=True, text=True, timeout=60)
 
         async def scenario():

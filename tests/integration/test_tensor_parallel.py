@@ -85,7 +85,7 @@ class Roles:
         commands = {"scheduler": ["scheduler"], "frontend": ["frontend"]}
         commands.update({f"worker{r}": ["worker", "--rank", str(r)] for r in range(world_size)})
         self.events: list[dict] = []
-        self.procs = {name: subprocess.Popen([sys.executable, "-m", "shared.cli", *cmd, *flags], cwd=ROOT,
+        self.procs = {name: subprocess.Popen([sys.executable, "-m", "launcher", *cmd, *flags], cwd=ROOT,
                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                              stdin=subprocess.DEVNULL, text=True, start_new_session=True)
                       for name, cmd in commands.items()}
@@ -180,7 +180,7 @@ def test_small_llama_tp2_roles_apart_and_a_dead_rank_fails_the_group(small_llama
 
 
 def test_serve_refuses_a_size_that_does_not_divide_the_heads(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", "serve", "--model", "default", "--device", "cpu",
+    proc = subprocess.run([sys.executable, "-m", "launcher", "serve", "--model", "default", "--device", "cpu",
                            "--listen", f"tcp://127.0.0.1:{free_port()}", "--run-dir", str(tmp_path / "run"),
                            "--tensor-parallel-size", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1

@@ -131,7 +131,7 @@ def make_scheduler(*, num_blocks=1000, block_size=4, max_model_len=256, max_num_
                    max_num_batched_tokens=None, vocab_size=VOCAB, eos=(EOS,), num_host_blocks=0,
                    enable_chunked_prefill=True, enable_prefix_caching=True,
                    preemption_mode="recompute") -> Scheduler:
-    config = ServerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+    config = ServerConfig.from_settings(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           enable_chunked_prefill=enable_chunked_prefill, enable_prefix_caching=enable_prefix_caching,
                           preemption_mode=preemption_mode)
     return Scheduler(config, num_device_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,

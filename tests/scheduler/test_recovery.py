@@ -71,7 +71,7 @@ def test_the_waiting_queue_is_bounded():
     from shared.config import ServerConfig
     from scheduler.scheduler import Scheduler
 
-    sched = Scheduler(ServerConfig(max_waiting=3), num_device_blocks=100, block_size=4, max_model_len=64,
+    sched = Scheduler(ServerConfig.from_settings(max_waiting=3), num_device_blocks=100, block_size=4, max_model_len=64,
                       vocab_size=64, eos_token_ids=[0])
     assert all(sched.add_request(add(f"r{i}", [1, 2], max_tokens=4), b"fe") is None for i in range(3))
     rejected = sched.add_request(add("r3", [1, 2], max_tokens=4), b"fe")
@@ -105,7 +105,7 @@ class FakeWorkers:
 
     def __init__(self, run_dir: str, timeout_s: float = 1.5):
         self.run_dir = run_dir
-        self.proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "scheduler", "--run-dir", run_dir,
+        self.proc = subprocess.Popen([sys.executable, "-m", "launcher", "scheduler", "--run-dir", run_dir,
                                       "--heartbeat-timeout", str(timeout_s), "--drain-timeout", "1",
                                       "--stats-interval-s", "60"], cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)

@@ -57,7 +57,7 @@ class FakeGroup:
     """The scheduler process, `size` fake ranks and one fake frontend."""
 
     def __init__(self, run_dir: str, size: int):
-        self.proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "scheduler", "--run-dir", run_dir,
+        self.proc = subprocess.Popen([sys.executable, "-m", "launcher", "scheduler", "--run-dir", run_dir,
                                       "--tensor-parallel-size", str(size), "--drain-timeout", "1",
                                       "--stats-interval-s", "60"], cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 import time
 
-from shared.children import BACKOFF_MAX_S, MAX_RESTARTS, Child
-from shared.supervisor import _restartable
+from launcher.children import BACKOFF_MAX_S, MAX_RESTARTS, Child
+from launcher.supervisor import _restartable
 
 SAY_READY_AND_EXIT = """
 import os, socket

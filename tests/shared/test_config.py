@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shared.cli import build_parser, config_from_args
+from launcher.cli import build_parser, config_from_args
 from shared.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,8 +25,8 @@ def test_file_values_then_flags_override(tmp_path):
     path = _write(tmp_path, 'block_size = 32\nmax_num_seqs = 8\ndrain_timeout_s = 5\nlisten = "tcp://0.0.0.0:9"\n')
     args = build_parser().parse_args(["worker", "--config", path, "--max-num-seqs", "4", "--drain-timeout", "7.5"])
     config = config_from_args(args)
-    assert (config.block_size, config.max_num_seqs, config.drain_timeout_s) == (32, 4, 7.5)
-    assert config.listen == "tcp://0.0.0.0:9"
+    assert (config.worker.block_size, config.scheduler.max_num_seqs, config.operations.drain_timeout_s) == (32, 4, 7.5)
+    assert config.endpoints.listen == "tcp://0.0.0.0:9"
 
 
 @pytest.mark.parametrize("text, named", [
@@ -59,7 +59,7 @@ def test_missing_or_broken_file(tmp_path):
 def test_every_role_refuses_to_start_on_a_bad_config(tmp_path):
     path = _write(tmp_path, "max_num_seqs = 4\nnot_a_setting = 1\n")
     for role in ("serve", "scheduler", "worker", "frontend"):
-        proc = subprocess.run([sys.executable, "-m", "shared.cli", role, "--config", path], cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-m", "launcher", role, "--config", path], cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0
         assert "not_a_setting" in proc.stderr
@@ -68,4 +68,4 @@ def test_every_role_refuses_to_start_on_a_bad_config(tmp_path):
 
 def test_the_example_file_is_valid():
     config = load_config(EXAMPLE)
-    assert config.run_dir == "/run/pagedserve"  # the units' RuntimeDirectory
+    assert config.endpoints.run_dir == "/run/pagedserve"  # the units' RuntimeDirectory

@@ -61,6 +61,6 @@ def test_sampling_params_validation_names_the_field(kwargs, field):
 def test_shared_never_imports_torch():
     import subprocess
     import sys
-    code = ("import sys, shared.protocol, shared.client, shared.config, shared.cli, shared.supervisor; "
+    code = ("import sys, shared.protocol, shared.client, shared.config, launcher.cli, launcher.supervisor; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -76,7 +76,7 @@ def teacher_forced_logits(runner, prompts: list[list[int]], first_chunk: int):
 
     from shared.protocol import NewSeq, SamplingParams, ScheduledSeq
 
-    batch, bs = runner.batch, runner.config.block_size
+    batch, bs = runner.batch, runner.config.worker.block_size
     free = list(range(runner.kv_cache.num_blocks))[::-1]
     for i, p in enumerate(prompts):
         batch.add(NewSeq(i, p, len(p), [free.pop() for _ in range(-(-len(p) // bs))], SamplingParams(temperature=0)))
@@ -106,8 +106,8 @@ def serve(runner, spec: dict, preemption_mode: str) -> dict:
     from scheduler.scheduler import Scheduler
     from shared.protocol import AddRequest, SamplingParams, StepPlan
 
-    config = msgspec.structs.replace(runner.config, preemption_mode=preemption_mode)
-    scheduler = Scheduler(config, num_device_blocks=runner.kv_cache.num_blocks, block_size=config.block_size,
+    config = runner.config.replace(preemption_mode=preemption_mode)
+    scheduler = Scheduler(config, num_device_blocks=runner.kv_cache.num_blocks, block_size=config.worker.block_size,
                           max_model_len=runner.max_model_len, vocab_size=runner.args.vocab_size,
                           eos_token_ids=runner.eos_token_ids, num_host_blocks=runner.num_host_blocks)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
@@ -143,7 +143,7 @@ def main(spec_path: str, rank: int) -> int:
     configure_logging("worker", "warning")
     with open(spec_path) as f:
         spec = json.load(f)
-    config = ServerConfig(model=spec["model"], dtype="float32", num_kv_blocks=spec["num_kv_blocks"],
+    config = ServerConfig.from_settings(model=spec["model"], dtype="float32", num_kv_blocks=spec["num_kv_blocks"],
                           block_size=spec["block_size"], max_num_seqs=spec.get("max_num_seqs", 8),
                           max_num_batched_tokens=spec.get("max_num_batched_tokens"),
                           max_model_len=spec.get("max_model_len"), swap_space_gib=spec.get("swap_space_gib", 0.0),

@@ -34,7 +34,7 @@ def test_backend_selection():
     with pytest.raises(ValueError, match="unknown attention backend"):
         get_attention_backend("flash", "cpu")
     assert load_config(None, {"attention_backend": "triton"}).attention_backend == "triton"
-    assert ServerConfig().attention_backend == "auto"
+    assert ServerConfig().worker.attention_backend == "auto"
     with pytest.raises(ConfigError, match="attention_backend"):
         load_config(None, {"attention_backend": "flash"})
 
@@ -106,7 +106,7 @@ def run_steps(backend: str, model_dir: str) -> list[torch.Tensor]:
     """Teacher-forced logits of every step of SCHEDULE through the runner's model."""
     from worker.model_runner import ModelRunner
 
-    runner = ModelRunner(ServerConfig(model=model_dir, device=str(DEVICE), num_kv_blocks=40, block_size=8,
+    runner = ModelRunner(ServerConfig.from_settings(model=model_dir, device=str(DEVICE), num_kv_blocks=40, block_size=8,
                                       attention_backend=backend))
     runner.load()
     assert runner.attention_backend == backend

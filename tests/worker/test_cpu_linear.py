@@ -84,8 +84,8 @@ def test_should_pack_follows_the_choice():
 
 
 def test_config_refuses_an_unknown_cpu_linear():
-    ServerConfig(cpu_linear="torch").validate()
+    ServerConfig.from_settings(cpu_linear="torch").validate()
     with pytest.raises(ValueError, match="cpu_linear must be auto, onednn or torch"):
-        ServerConfig(cpu_linear="mkl").validate()
+        ServerConfig.from_settings(cpu_linear="mkl").validate()
     with pytest.raises(ValueError, match="cpu_linear onednn needs device cpu"):
-        ServerConfig(cpu_linear="onednn", device="cuda").validate()
+        ServerConfig.from_settings(cpu_linear="onednn", device="cuda").validate()

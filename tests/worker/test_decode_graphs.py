@@ -42,7 +42,7 @@ def test_capture_sizes():
 
 
 def test_enforce_eager_config():
-    assert ServerConfig().enforce_eager is False
+    assert ServerConfig().worker.enforce_eager is False
     assert load_config(None, {"enforce_eager": "true"}).enforce_eager is True
 
 
@@ -104,7 +104,7 @@ def run(model_dir: str, graphs: bool) -> tuple[list[list[int]], list[tuple[bool,
     """Greedy tokens of SEQS, (decode_only, batch) per step, replayed sizes, and the runner."""
     from worker.model_runner import ModelRunner
 
-    runner = ModelRunner(ServerConfig(model=model_dir, device=str(DEVICE), dtype="float32",
+    runner = ModelRunner(ServerConfig.from_settings(model=model_dir, device=str(DEVICE), dtype="float32",
                                       num_kv_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, attention_backend="triton",
                                       max_num_seqs=4))
     runner.load()

@@ -34,7 +34,7 @@ class PlanDriver:
     """Plays the scheduler: shuffled block ids, chunked prefill, one decode token per step."""
 
     def __init__(self, runner: ModelRunner, seed: int = 0):
-        self.runner, self.block_size, self.step_id = runner, runner.config.block_size, 0
+        self.runner, self.block_size, self.step_id = runner, runner.config.worker.block_size, 0
         self.free = list(range(runner.kv_cache.num_blocks))
         random.Random(seed).shuffle(self.free)
         self.next_seq_id = 1000 * seed
@@ -75,7 +75,7 @@ class PlanDriver:
 def paged_logits(runner: ModelRunner, prompts: list[list[int]], first_chunk: int) -> list[torch.Tensor]:
     """Teacher-forced logits of every position: one batched prefill of `first_chunk` tokens per
     prompt, then one token per prompt per step (decode-only steps once all prefills are done)."""
-    batch, bs = runner.batch, runner.config.block_size
+    batch, bs = runner.batch, runner.config.worker.block_size
     free = list(range(runner.kv_cache.num_blocks))
     random.Random(1).shuffle(free)
     for i, p in enumerate(prompts):
@@ -129,7 +129,7 @@ def hf_default(default_files):
 
 @pytest.fixture(scope="module")
 def runner(default_files):
-    r = ModelRunner(ServerConfig(model="default", num_kv_blocks=160, max_num_seqs=8, swap_space_gib=0.01))
+    r = ModelRunner(ServerConfig.from_settings(model="default", num_kv_blocks=160, max_num_seqs=8, swap_space_gib=0.01))
     r.load()
     return r
 
@@ -219,7 +219,7 @@ def test_seeded_sampling_reproduces_across_batches(runner, prompts):
 @pytest.mark.slow
 def test_copy_on_write_fork_continues_identically(runner, prompts, hf_continuations):
     """Parallel sampling: a second output shares the full blocks and gets a copy of the last one."""
-    prompt, expected, bs = prompts[2], hf_continuations[2], runner.config.block_size
+    prompt, expected, bs = prompts[2], hf_continuations[2], runner.config.worker.block_size
     n = len(prompt)
     assert n % bs and bs - n % bs >= 3, "the fork must decode inside its copied partial block"
     blocks, spare = [100, 7, 42][: -(-n // bs)], 13
@@ -240,7 +240,7 @@ def test_swap_out_and_in_continues_identically(runner, prompts, hf_continuations
     different device blocks (re-registering the sequence with its new table) and resume."""
     prompt, expected = prompts[4], hf_continuations[4]
     n = len(prompt)
-    num_blocks = -(-(n + 2) // runner.config.block_size)
+    num_blocks = -(-(n + 2) // runner.config.worker.block_size)
     device_blocks, host_blocks = list(range(num_blocks)), list(range(num_blocks))
     tokens = list(prompt)
     plan = StepPlan(0, [ScheduledSeq(1, n, 0)], [NewSeq(1, prompt, n, device_blocks, GREEDY)])
@@ -310,7 +310,7 @@ def test_random_hf_checkpoint_matches(name, tmp_path):
     hf = getattr(transformers, model_cls)(config).eval()
     randomize(hf)
     hf.save_pretrained(tmp_path)
-    runner = ModelRunner(ServerConfig(model=str(tmp_path), num_kv_blocks=64, block_size=8))
+    runner = ModelRunner(ServerConfig.from_settings(model=str(tmp_path), num_kv_blocks=64, block_size=8))
     runner.load()
     assert runner.eos_token_ids == [7]
 

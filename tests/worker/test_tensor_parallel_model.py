@@ -114,7 +114,7 @@ def test_shards_put_back_together_are_the_whole_model(small_llama):
 
 def test_start_up_refuses_a_size_that_does_not_divide_the_heads(small_llama):
     """Before any weight is read, so before the ranks wait for each other."""
-    runner = ModelRunner(ServerConfig(model=small_llama, tensor_parallel_size=3, rank=1, num_kv_blocks=8))
+    runner = ModelRunner(ServerConfig.from_settings(model=small_llama, tensor_parallel_size=3, rank=1, num_kv_blocks=8))
     with pytest.raises(TensorParallelError, match="3 does not divide its 8 attention heads"):
         runner.load()
 
@@ -124,7 +124,7 @@ def test_default_model_refuses_tp2():
         files = resolve_model("default")
     except ModelNotFound as e:
         pytest.skip(str(e))
-    runner = ModelRunner(ServerConfig(model="default", tensor_parallel_size=2, num_kv_blocks=8))
+    runner = ModelRunner(ServerConfig.from_settings(model="default", tensor_parallel_size=2, num_kv_blocks=8))
     with pytest.raises(TensorParallelError) as e:
         runner.load()
     assert str(e.value).startswith(f"tensor_parallel_size 2: {files.name} cannot be split 2 ways")

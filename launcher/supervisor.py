@@ -14,7 +14,7 @@ restarts when one rank dies. Exceptions, which stop the server with exit 1: a
 child that dies in its first run before it ever said READY=1 (a start-up error:
 restarting would repeat it), and a crash loop (MAX_RESTARTS within the window).
 Readiness comes over the notify protocol: each child gets its own NOTIFY_SOCKET
-(shared/children.py), as systemd would give it.
+(launcher/children.py), as systemd would give it.
 
 Stopping (SIGTERM or SIGINT) is ordered so in-flight requests really finish:
 1. the frontend: it refuses new requests (`shutting_down`) and waits for its
@@ -41,7 +41,7 @@ import subprocess
 import tempfile
 import time
 
-from shared.children import MAX_RESTARTS, Child, Children
+from launcher.children import MAX_RESTARTS, Child, Children
 from shared.config import ServerConfig
 from shared.logging import get_logger
 from shared.sdnotify import child_environment
@@ -75,7 +75,7 @@ def _worker_flags(base: list[str], config: ServerConfig, rank: int) -> list[str]
     """Rank r of a CUDA group drives the r-th visible GPU (`--device cuda:r`). Every GPU stays
     visible to every rank, so NCCL can use peer-to-peer copies between them."""
     flags = base + ["--rank", str(rank)]
-    if config.tensor_parallel_size > 1 and config.device == "cuda":
+    if config.parallel.tensor_parallel_size > 1 and config.worker.device == "cuda":
         flags = _strip_flag(flags, "--device") + ["--device", f"cuda:{rank}"]
     return flags
 
@@ -95,14 +95,14 @@ class _Signals:
 def run_supervisor(config: ServerConfig, argv: list[str], role_command: list[str]) -> int:
     """`argv`: serve's own flags, passed on to every child (`--config` included);
     `role_command`: how to start a role, e.g. [python, path/to/pagedserve]."""
-    own_run_dir = not config.run_dir
-    run_dir = tempfile.mkdtemp(prefix="pagedserve-") if own_run_dir else config.run_dir
+    own_run_dir = not config.endpoints.run_dir
+    run_dir = tempfile.mkdtemp(prefix="pagedserve-") if own_run_dir else config.endpoints.run_dir
     os.makedirs(run_dir, mode=0o750, exist_ok=True)
     base = argv
     for flag in ("--run-dir", "--rank", "--rank-offset"):  # one host: ranks 0 .. N-1
         base = _strip_flag(base, flag)
     base += ["--run-dir", run_dir]
-    own_dist_port = config.tensor_parallel_size > 1 and not config.dist_init_addr
+    own_dist_port = config.parallel.tensor_parallel_size > 1 and not config.parallel.dist_init_addr
     env = child_environment()  # only a process systemd started may speak to systemd
 
     def worker_argv(rank: int) -> list[str]:
@@ -112,13 +112,13 @@ def run_supervisor(config: ServerConfig, argv: list[str], role_command: list[str
     dist_port = _free_port() if own_dist_port else 0
     children = Children(run_dir, env)
     children.add("scheduler", role_command + ["scheduler"] + base)
-    workers = [children.add(f"worker{r}", worker_argv(r)) for r in range(config.tensor_parallel_size)]
+    workers = [children.add(f"worker{r}", worker_argv(r)) for r in range(config.parallel.tensor_parallel_size)]
     children.add("frontend", role_command + ["frontend"] + base)
 
     signals = _Signals()
     for child in children:
         child.start()
-    log.info("supervisor.started", run_dir=run_dir, listen=config.listen, children=children.pids())
+    log.info("supervisor.started", run_dir=run_dir, listen=config.endpoints.listen, children=children.pids())
     code = 0
     while not signals.count:
         children.read_notifications()
@@ -155,7 +155,7 @@ def run_supervisor(config: ServerConfig, argv: list[str], role_command: list[str
     stages = [["frontend"], ["scheduler"], [c.name for c in workers]]
     for stage in stages:
         procs = {n: children[n].proc for n in stage if not children[n].restart_pending}
-        if not _stop_stage(procs, config.drain_timeout_s + STOP_GRACE_S, signals):
+        if not _stop_stage(procs, config.operations.drain_timeout_s + STOP_GRACE_S, signals):
             code = 1
     children.close()
     if own_run_dir:
