@@ -39,6 +39,7 @@ elif _ROOT not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bench.kernel_tables import print_tables  # noqa: E402
 
 GIB = 1 << 30
 FLUSH_BYTES = 512 << 20
@@ -276,26 +277,6 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=1)
     print(f"wrote {out}")
     return 0
-
-
-def fmt(value, spec: str, width: int) -> str:
-    return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
-
-
-def print_tables(decode, prefill) -> None:
-    """Ratios are what matter (same run, same device); '-' where SDPA ran out of memory."""
-    if decode:
-        print(f"{'batch':>6} {'context':>8} {'splits':>6} {'ms':>9} {'GB/s':>8} {'of copy':>8} {'SDPA GB/s':>10} "
-              f"{'vs SDPA':>8}")
-        for r in decode:
-            print(f"{r['batch']:>6} {r['context']:>8} {r['num_splits']:>6} {r['ms']:>9.3f} {r['gbps']:>8.0f} "
-                  f"{r['fraction_of_copy']:>8.1%} {fmt(r['sdpa_gbps'], '.0f', 10)} "
-                  f"{fmt(r['speedup_vs_sdpa'], '.2f', 7)}x")
-    if prefill:
-        print(f"{'length':>7} {'batch':>6} {'ms':>9} {'TFLOP/s':>8} {'SDPA':>8} {'of SDPA':>8}")
-        for r in prefill:
-            print(f"{r['length']:>7} {r['batch']:>6} {r['ms']:>9.3f} {r['tflops']:>8.1f} "
-                  f"{fmt(r['sdpa_tflops'], '.1f', 8)} {fmt(r['fraction_of_sdpa'], '.1%', 8)}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def replay_paged(requests, *, block_size: int, n: int = 1, num_blocks: int | Non
     """Every request at once through the real Scheduler; a replay worker
     returns each output's real tokens. Returns utilization and block counts."""
     num_blocks = num_blocks or CAPACITY_TOKENS // block_size
-    config = ServerConfig.from_settings(max_num_seqs=256, max_num_batched_tokens=4096, enable_prefix_caching=prefix_caching)
+    config = ServerConfig.from_settings(max_num_seqs=256, max_num_batched_tokens=4096,
+                                        enable_prefix_caching=prefix_caching)
     sched = Scheduler(config, num_device_blocks=num_blocks, block_size=block_size, max_model_len=MAX_MODEL_LEN,
                       vocab_size=1 << 17, eos_token_ids=[0])
     answers = {}

@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("bench", "warning")
     blocks_per_seq = -(-(args.context + args.steps + 1) // args.block_size)
     extra = {"attention_backend": args.attention_backend} if args.attention_backend else {}
-    config = ServerConfig.from_settings(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
-                          num_kv_blocks=args.batch * blocks_per_seq + 1,
-                          max_num_batched_tokens=max(2048, args.context), max_num_seqs=max(256, args.batch),
-                          cpu_linear=args.cpu_linear, **extra)
+    config = ServerConfig.from_settings(model=args.model, device=args.device, dtype=args.dtype,
+                                        block_size=args.block_size, num_kv_blocks=args.batch * blocks_per_seq + 1,
+                                        max_num_batched_tokens=max(2048, args.context),
+                                        max_num_seqs=max(256, args.batch),
+                                        cpu_linear=args.cpu_linear, **extra)
     runner = ModelRunner(config)
     runner.load()
     rng = random.Random(0)

@@ -34,25 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedserve", description="A PagedAttention LLM server.")
     sub = parser.add_subparsers(dest="command", required=True)
     for role in ROLES:
-        add_server_flags(sub.add_parser(role, help=f"run the {role}" if role != "serve" else
-                                        "run every role under one supervisor"))
-    gen = sub.add_parser("generate", help="stream an answer from a running server")
-    gen.add_argument("prompt")
-    gen.add_argument("--server", default="tcp://127.0.0.1:8765")
-    gen.add_argument("--max-tokens", type=int, default=256)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    gen.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the server to become ready")
+        role_parser = sub.add_parser(role, help=f"run the {role}" if role != "serve" else
+                                     "run every role under one supervisor")
+        if role == "serve":
+            role_parser.add_argument("--pid-file", metavar="FILE", default=None,
+                                     help="write serve's pid here while it runs: `kill $(cat FILE)` stops exactly "
+                                          "this server (SIGTERM drains)")
+        add_server_flags(role_parser)
+    from launcher.generate_cmd import add_arguments as add_generate_arguments
+
+    add_generate_arguments(sub.add_parser("generate", help="stream an answer from a running server"))
     st = sub.add_parser("stats", help="print a running server's health and counters")
-    st.add_argument("--server", default="tcp://127.0.0.1:8765")
-    st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply")
+    st.add_argument("--server", default="tcp://127.0.0.1:8765", metavar="tcp://HOST:PORT",
+                    help="the frontend's client endpoint (default: tcp://127.0.0.1:8765)")
+    st.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                    help="seconds to wait for each reply (default: 10)")
     st.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     kg = sub.add_parser("keygen", help="write a CURVE key pair: NAME.key (public) and NAME.key_secret (0600)")
-    kg.add_argument("directory")
-    kg.add_argument("--name", default="server", help="file name stem (default: server)")
+    kg.add_argument("directory", help="where to write the two files")
+    kg.add_argument("--name", default="server", metavar="NAME", help="file name stem (default: server)")
     from launcher import build_kernels_cmd
 
     build_kernels_cmd.add_arguments(sub.add_parser(
@@ -86,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(args)
     config = config_from_args(args)
+    if args.command in ("serve", "worker", "frontend"):
+        _check_model_or_exit(args.command, config)
     from shared.logging import configure_logging, get_logger
 
     configure_logging(args.command, config.operations.log_level)
     try:
-        return _run_role(args.command, config, argv)
+        return _run_role(args.command, config, argv, getattr(args, "pid_file", None))
     except Exception:
         # Any fatal error: one JSON event with the traceback, then a non-zero exit.
         get_logger().exception(f"{args.command}.fatal")
@@ -102,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _run_role(command: str, config: ServerConfig, argv: list[str] | None) -> int:
+def _run_role(command: str, config: ServerConfig, argv: list[str] | None, pid_file: str | None) -> int:
     if command == "serve":
         from launcher.supervisor import run_supervisor
 
-        return run_supervisor(config, sys.argv[2:] if argv is None else argv[1:], _role_command())
+        return run_supervisor(config, sys.argv[2:] if argv is None else argv[1:], _role_command(), pid_file)
     if command == "scheduler":
         from scheduler.loop import run_scheduler
 
@@ -118,6 +120,18 @@ def _run_role(command: str, config: ServerConfig, argv: list[str] | None) -> int
     from frontend.main import run_frontend
 
     return run_frontend(config)
+
+
+def _check_model_or_exit(command: str, config: ServerConfig) -> None:
+    """A model that is not there is a configuration error: one line, exit 2, before any role
+    starts (a role would only fail later, inside a JSON traceback)."""
+    from shared.models import ModelNotFound, resolve_model
+
+    try:
+        resolve_model(config.model.model)
+    except ModelNotFound as e:
+        print(f"pagedserve {command}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _role_command() -> list[str]:

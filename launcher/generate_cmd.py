@@ -1,12 +1,41 @@
-"""`pagedserve generate`: stream one answer from a running server to stdout."""
+"""`pagedserve generate`: stream one answer from a running server to stdout.
+
+Exit codes: 0 when the answer ended normally (stop or length), 1 when it was cut short
+(finish_reason abort or error: a drain, an abort, a failure; said on stderr) or the
+request failed, 2 for a bad command line.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import time
 
+from launcher.client_io import check_address_or_exit, quiet_broken_pipe
 from shared.client import Client, RequestError
 from shared.protocol import SamplingParams
+
+CUT_SHORT = ("abort", "error")
+
+
+def add_arguments(gen: argparse.ArgumentParser) -> None:
+    gen.add_argument("prompt", help="the user message (sent through the chat template unless --raw)")
+    gen.add_argument("--server", default="tcp://127.0.0.1:8765", metavar="tcp://HOST:PORT",
+                     help="the frontend's client endpoint (default: tcp://127.0.0.1:8765)")
+    gen.add_argument("--max-tokens", type=int, default=256, metavar="TOKENS",
+                     help="most tokens to generate (default: 256)")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                     help="0 samples greedily (default: 0.0)")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1.0)")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest; 0: all "
+                                                                         "(default: 0)")
+    gen.add_argument("--seed", type=int, default=None, metavar="N", help="reproducible sampling (default: none)")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                     help="wait this long for the server to become ready (default: 0)")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object (text, finish_reason, token counts) instead of streaming text")
 
 
 def _wait_ready(client: Client, seconds: float) -> None:
@@ -23,8 +52,14 @@ def _wait_ready(client: Client, seconds: float) -> None:
 
 
 def run_generate(args) -> int:
+    check_address_or_exit("generate", args.server)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
+    try:
+        params.validate()
+    except ValueError as e:
+        print(f"pagedserve generate: {e}", file=sys.stderr)
+        return 2
     with Client(args.server) as client:
         try:
             if args.wait > 0:
@@ -32,10 +67,24 @@ def run_generate(args) -> int:
             stream = (client.stream(args.prompt, params) if args.raw
                       else client.stream_chat([{"role": "user", "content": args.prompt}], params))
             for delta in stream:
-                sys.stdout.write(delta.text)
+                if not args.json:
+                    sys.stdout.write(delta.text)
+                    sys.stdout.flush()
+            completion = stream.completion
+            reason = completion.outputs[0].finish_reason
+            if args.json:
+                print(json.dumps({"request_id": completion.request_id, "text": completion.outputs[0].text,
+                                  "finish_reason": reason, "prompt_tokens": completion.prompt_tokens,
+                                  "completion_tokens": completion.completion_tokens}))
+            else:
+                sys.stdout.write("\n")
                 sys.stdout.flush()
-            sys.stdout.write("\n")
         except RequestError as e:
             print(f"pagedserve generate: {e}", file=sys.stderr)
             return 1
+        except BrokenPipeError:
+            return quiet_broken_pipe()
+    if reason in CUT_SHORT:
+        print(f"pagedserve generate: the answer was cut short (finish_reason {reason})", file=sys.stderr)
+        return 1
     return 0

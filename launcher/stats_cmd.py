@@ -16,13 +16,14 @@ import json
 import sys
 from typing import Any
 
+from launcher.client_io import check_address_or_exit, quiet_broken_pipe
 from shared.client import Client, RequestError
 
 
 def format_table(health: dict[str, Any], stats: dict[str, Any]) -> str:
     """Two columns, health first, then the counters in the server's order."""
     rows: list[tuple[str, str]] = [(k, _fmt(v)) for k, v in health.items() if k != "request_id"]
-    stats = dict(stats)
+    stats = {k: v for k, v in stats.items() if k not in health}  # health's keys once (workers_ready)
     used, total = stats.pop("kv_blocks_used", None), stats.pop("kv_blocks_total", None)
     if used is not None and total:
         rows.append(("kv_blocks", f"{used} / {total} used ({100.0 * used / total:.1f}%)"))
@@ -41,6 +42,7 @@ def _fmt(value: Any) -> str:
 
 
 def run_stats(args) -> int:
+    check_address_or_exit("stats", args.server)
     with Client(args.server) as client:
         try:
             health = client.health(timeout=args.timeout)
@@ -49,8 +51,12 @@ def run_stats(args) -> int:
             print(f"pagedserve stats: {e}", file=sys.stderr)
             return 1
     health.pop("request_id", None)
-    if args.json:
-        print(json.dumps({"health": health, "stats": stats}))
-    else:
-        print(format_table(health, stats))
+    try:
+        if args.json:
+            print(json.dumps({"health": health, "stats": stats}))
+        else:
+            print(format_table(health, stats))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     return 0

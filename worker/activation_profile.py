@@ -55,7 +55,8 @@ def profile_activation_peak(runner: "ModelRunner") -> int:
         state = SamplingState(2 * cfg.scheduler.max_num_seqs, a.vocab_size, runner.device)
         for row in range(cfg.scheduler.max_num_seqs):
             state.set_row(row, profile_params, 0, [0, 0], 1)
-        meta = state.metadata(np.arange(cfg.scheduler.max_num_seqs), np.zeros(cfg.scheduler.max_num_seqs, dtype=np.int64))
+        num_seqs = cfg.scheduler.max_num_seqs
+        meta = state.metadata(np.arange(num_seqs), np.zeros(num_seqs, dtype=np.int64))
         Sampler(runner.device).sample(logits, meta, state)
         del state, meta
     torch.cuda.synchronize(runner.device)

@@ -10,15 +10,15 @@ A step is one of three kinds, told apart by `AttentionMetadata`:
   one-token chunk's row in place through ``query_start_loc``. No rows are gathered or scattered;
   the one host sync of a step with prefills is the prefill grid's longest chunk.
 
-Copy-on-write and swap live in kernels/triton_cache_ops.py and kernels/swap_ops.py and are
-exposed here as `copy_blocks` / `swap_blocks` for the worker's step loop.
+Copy-on-write lives in kernels/triton_cache_ops.py, exposed here as `copy_blocks` for the
+worker's step loop; swaps go through kernels/swap_ops.py for every backend (worker/model_runner.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels import swap_ops, triton_cache_ops, triton_decode, triton_prefill
+from kernels import triton_cache_ops, triton_decode, triton_prefill
 from worker.attention import AttentionBackend, AttentionMetadata
 
 
@@ -53,7 +53,3 @@ class TritonAttentionBackend(AttentionBackend):
     @staticmethod
     def copy_blocks(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], pairs: torch.Tensor) -> None:
         triton_cache_ops.copy_blocks(key_caches, value_caches, pairs)
-
-    @staticmethod
-    def swap_blocks(src: torch.Tensor, dst: torch.Tensor, pairs: torch.Tensor) -> None:
-        swap_ops.swap_blocks(src, dst, pairs)

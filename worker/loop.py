@@ -29,7 +29,6 @@ systemd's watchdog between plans; a step that hangs stops the pings.
 
 from __future__ import annotations
 
-import signal
 import time
 import uuid
 
@@ -38,6 +37,7 @@ import zmq
 
 from shared import protocol as p
 from shared.config import ServerConfig
+from shared.drain import Drain
 from shared.ipc import make_dealer
 from shared.logging import get_logger
 from shared.sdnotify import Notifier
@@ -56,27 +56,22 @@ class WorkerLoop:
 
         self.config = config
         self.rank = config.parallel.worker_rank
-        self.runner = ModelRunner(config)
+        self.runner = ModelRunner(config, cancelled=lambda: self.drain.signals > 0)  # a SIGTERM stops the kernel build
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = p.decoder_for(p.PlanMessage)
         self.notifier = Notifier()
-        self.signals = 0  # SIGTERM/SIGINT received
-        self._signals_seen = 0
-        self._drain_deadline: float | None = None  # monotonic seconds
+        # The scheduler drains for drain_timeout_s, then sends Shutdown: wait a little longer.
+        self.drain = Drain(config.operations.drain_timeout_s + DRAIN_MARGIN_S)
         # Heartbeat period: a quarter of the scheduler's timeout, so one lost or late beat is harmless.
         self._beat_every_s = min(1.0, config.scheduler.heartbeat_timeout_s / 4)
         self._last_sent = 0.0  # monotonic seconds of our last message to the scheduler
         self._hello: p.WorkerHello | None = None
 
-    def _on_signal(self, _signum, _frame) -> None:
-        self.signals += 1
-
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        self.drain.install()
         self.notifier.status("loading the model")
         self.runner.load()
-        if self.signals:
+        if self.drain.signals:
             return self._stopped("signal during start-up")
         hello = self._hello = self.runner.hello()
         ctx = zmq.Context()
@@ -111,7 +106,7 @@ class WorkerLoop:
         while True:
             if rejoining:
                 self.notifier.tick()
-            if self.signals:
+            if self.drain.signals:
                 return self._stopped("signal before the handshake")
             if time.monotonic() - self._last_sent >= HELLO_RETRY_S:
                 self._send(sock, self._hello)  # lost, or sent before the scheduler was up
@@ -142,14 +137,14 @@ class WorkerLoop:
     def _serve(self, sock: zmq.Socket) -> int:
         while True:
             self.notifier.tick()
-            if self.signals != self._signals_seen:
-                if self._signals_seen or self.signals > 1:
+            transition = self.drain.poll()
+            if transition == "begin":
+                log.info("worker.draining", rank=self.rank, timeout_s=self.drain.timeout_s)
+                self.notifier.stopping("draining: executing plans until the scheduler says shut down")
+            elif transition == "abort":
+                if self.drain.abort_cause == "second_signal":
                     return self._stopped("second signal")
-                self._signals_seen = self.signals
-                self._begin_drain()
-            if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
-                log.warning("worker.drain_timeout", rank=self.rank,
-                            timeout_s=self.config.operations.drain_timeout_s + DRAIN_MARGIN_S)
+                log.warning("worker.drain_timeout", rank=self.rank, timeout_s=self.drain.timeout_s)
                 return self._stopped("drain timeout")
             if time.monotonic() - self._last_sent >= self._beat_every_s:
                 self._send(sock, p.Heartbeat(rank=self.rank))
@@ -185,14 +180,8 @@ class WorkerLoop:
             log.error("worker.bad_frame", rank=self.rank, error=str(e))
             return None
 
-    def _begin_drain(self) -> None:
-        timeout_s = self.config.operations.drain_timeout_s + DRAIN_MARGIN_S
-        self._drain_deadline = time.monotonic() + timeout_s
-        log.info("worker.draining", rank=self.rank, timeout_s=timeout_s)
-        self.notifier.stopping("draining: executing plans until the scheduler says shut down")
-
     def _stopped(self, reason: str) -> int:
-        if self._drain_deadline is None:
+        if not self.drain.draining:
             self.notifier.stopping(reason)
         log.info("worker.stopped", rank=self.rank, reason=reason)
         return 0

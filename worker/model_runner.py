@@ -13,6 +13,7 @@ sampled tokens, so every rank's persistent batch (token ids, penalty counts) sta
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -26,6 +27,7 @@ from worker.attention import get_attention_backend
 from worker.cpu_linear import pack_linears, should_pack
 from worker.decode_graphs import Capture, DecodeGraphs, capture_sizes, cuda_capture
 from worker.input_batch import InputBatch, StepInputs
+from worker.kernel_build import DEFAULT_KERNEL_BUILD_TIMEOUT_S, prepare_cpu_kernel
 from worker.kv_cache import (GIB, KVCache, allocate_kv_cache, bytes_per_block, kv_cache_budget_bytes,
                              plan_num_blocks)
 from worker.loader import load_model, resolve_dtype
@@ -42,12 +44,16 @@ log = get_logger("worker.model_runner")
 class ModelRunner:
     """``load()`` once, then ``execute(plan)`` per step. Not thread-safe."""
 
-    def __init__(self, config: ServerConfig, attention_backend: str | None = None):
+    def __init__(self, config: ServerConfig, attention_backend: str | None = None, cancelled: Callable | None = None):
         config.validate()
         self.config = config
         self.device = torch.device(config.worker.device)
         self.swap_space_gib = config.worker.swap_space_gib  # host swap space for swapped-out KV blocks, GiB
-        self.attention_backend = get_attention_backend(attention_backend or config.worker.attention_backend, self.device).name
+        name = attention_backend or config.worker.attention_backend
+        # Not get_attention_backend(name).name for torch: its constructor would build the CPU kernel here, unlogged.
+        torch_backend = name == "torch" or (name == "auto" and self.device.type != "cuda")
+        self.attention_backend = "torch" if torch_backend else get_attention_backend(name, self.device).name
+        self.cancelled = cancelled or (lambda: False)  # () -> bool, polled during the kernel build (a SIGTERM)
         self.model = None
         self.memory_profile: dict[str, int] = {}
         self.group = ParallelGroup(config.parallel.worker_rank, config.parallel.tensor_parallel_size)
@@ -55,14 +61,19 @@ class ModelRunner:
     # ---- start-up ---------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load the weights, measure memory, allocate the KV cache and host swap space; log
-        `worker.loaded` with the memory profile (bytes) and the load time."""
+        """Build or find the CPU kernel (worker/kernel_build.py), load the weights, measure memory, allocate
+        the KV cache and host swap space; log `worker.loaded` with the memory profile (bytes) and the load
+        time. Returns early, with nothing loaded, when `cancelled()` became true during the kernel build."""
         started = time.perf_counter()
         config, device = self.config, self.device
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.files = resolve_model(config.model.model)
         self.dtype = resolve_dtype(config.worker.dtype, device)
+        if device.type == "cpu" and self.attention_backend == "torch":  # before the backend: logged, cancellable
+            prepare_cpu_kernel(DEFAULT_KERNEL_BUILD_TIMEOUT_S, self.cancelled)
+            if self.cancelled():
+                return
         backend = get_attention_backend(self.attention_backend, device)
         # Copy-on-write through the backend's kernel (one launch for every layer) where it has one.
         self._copy_blocks = getattr(backend, "copy_blocks", reference.copy_blocks)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from shared.protocol import GREEDY_TEMPERATURE, SamplingParams
+from shared.validation import stop_token_ids
 
 _MASK32 = 0xFFFFFFFF
 
@@ -97,8 +98,7 @@ class SamplingState:
         seed = params.seed if params.seed is not None and not greedy else 0
         self._ints[row] = (params.top_k if params.top_k > 0 else 0, seed, params.seed is not None,
                            output_index, params.min_tokens, -1 if params.logprobs is None else params.logprobs)
-        stop_ids = [] if params.ignore_eos else list(self.eos_token_ids)
-        stop_ids += params.stop_token_ids
+        stop_ids = sorted(stop_token_ids(params, self.eos_token_ids))
         if len(stop_ids) > self._stop_ids.shape[1]:
             pad = np.full((self.num_rows, len(stop_ids) - self._stop_ids.shape[1]), -1, np.int64)
             self._stop_ids = np.concatenate([self._stop_ids, pad], axis=1)

@@ -132,8 +132,9 @@ def make_scheduler(*, num_blocks=1000, block_size=4, max_model_len=256, max_num_
                    enable_chunked_prefill=True, enable_prefix_caching=True,
                    preemption_mode="recompute") -> Scheduler:
     config = ServerConfig.from_settings(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                          enable_chunked_prefill=enable_chunked_prefill, enable_prefix_caching=enable_prefix_caching,
-                          preemption_mode=preemption_mode)
+                                        enable_chunked_prefill=enable_chunked_prefill,
+                                        enable_prefix_caching=enable_prefix_caching,
+                                        preemption_mode=preemption_mode)
     return Scheduler(config, num_device_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
                      vocab_size=vocab_size, eos_token_ids=list(eos), num_host_blocks=num_host_blocks)
 

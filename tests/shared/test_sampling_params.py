@@ -46,6 +46,22 @@ def test_logprob_messages_roundtrip():
     assert p.decoder_for(p.ServerMessage).decode(p.encode(completion)) == completion
     result = p.StepResult(1, [5, -1], 0.1, logprobs=[item, None], prompt_logprobs=[[item], []])
     assert p.decoder_for(p.WorkerMessage).decode(p.encode(result)) == result
-    abort = p.AbortRequests([], stop_outputs=[("r", 1)])
+    abort = p.FinishOutputs([("r", 1)])
     assert p.decoder_for(p.FrontendMessage).decode(p.encode(abort)) == abort
     assert isinstance(p.decoder_for(p.ServerMessage).decode(p.encode(p.KeepAlive())), p.KeepAlive)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_tokens": -1}, "max_tokens must be >= 1"),
+    ({"max_tokens": -3, "min_tokens": 2}, "max_tokens must be >= 1"),
+    ({"max_tokens": 0}, "max_tokens must be >= 1"),
+    ({"min_tokens": -1, "max_tokens": 4}, "min_tokens must be >= 0"),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens (5) must be <= max_tokens (4)"),
+    ({"n": 0, "min_tokens": 9, "max_tokens": 1}, "n must be"),
+    ({"top_p": 0.0, "min_tokens": 9, "max_tokens": 1}, "top_p"),
+    ({"logprobs": 99, "min_tokens": 9, "max_tokens": 1}, "logprobs"),
+])
+def test_the_message_names_the_field_actually_wrong(kwargs, field):
+    with pytest.raises(ValueError) as e:
+        p.SamplingParams(**kwargs).validate(1000)
+    assert field in str(e.value)

@@ -144,11 +144,12 @@ def main(spec_path: str, rank: int) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
     config = ServerConfig.from_settings(model=spec["model"], dtype="float32", num_kv_blocks=spec["num_kv_blocks"],
-                          block_size=spec["block_size"], max_num_seqs=spec.get("max_num_seqs", 8),
-                          max_num_batched_tokens=spec.get("max_num_batched_tokens"),
-                          max_model_len=spec.get("max_model_len"), swap_space_gib=spec.get("swap_space_gib", 0.0),
-                          tensor_parallel_size=spec["world_size"], rank=rank,
-                          dist_init_addr=spec["dist_init_addr"], dist_timeout_s=120.0)
+                                        block_size=spec["block_size"], max_num_seqs=spec.get("max_num_seqs", 8),
+                                        max_num_batched_tokens=spec.get("max_num_batched_tokens"),
+                                        max_model_len=spec.get("max_model_len"),
+                                        swap_space_gib=spec.get("swap_space_gib", 0.0),
+                                        tensor_parallel_size=spec["world_size"], rank=rank,
+                                        dist_init_addr=spec["dist_init_addr"], dist_timeout_s=120.0)
     runner = ModelRunner(config)
     runner.load()
     logits = teacher_forced_logits(runner, spec["logit_prompts"], spec.get("first_chunk", 5))

@@ -107,7 +107,7 @@ def run_steps(backend: str, model_dir: str) -> list[torch.Tensor]:
     from worker.model_runner import ModelRunner
 
     runner = ModelRunner(ServerConfig.from_settings(model=model_dir, device=str(DEVICE), num_kv_blocks=40, block_size=8,
-                                      attention_backend=backend))
+                                                    attention_backend=backend))
     runner.load()
     assert runner.attention_backend == backend
     gen = torch.Generator().manual_seed(2)

@@ -105,8 +105,9 @@ def run(model_dir: str, graphs: bool) -> tuple[list[list[int]], list[tuple[bool,
     from worker.model_runner import ModelRunner
 
     runner = ModelRunner(ServerConfig.from_settings(model=model_dir, device=str(DEVICE), dtype="float32",
-                                      num_kv_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, attention_backend="triton",
-                                      max_num_seqs=4))
+                                                    num_kv_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE,
+                                                    attention_backend="triton",
+                                                    max_num_seqs=4))
     runner.load()
     assert runner.cuda_graphs == ("off: no CUDA" if DEVICE.type == "cpu" else "captured")
     runner.decode_graphs = None

@@ -2,21 +2,19 @@
 
 (1) The default model (SmolLM2-135M-Instruct, Q4_1 GGUF), loaded by both: teacher-forced logits
 through the paged prefill and decode paths, greedy continuations through `ModelRunner.execute`
-(batched, chunked, recompute). (2) Small random-weight Llama/Qwen2/Qwen3/Mistral checkpoints
-written by `save_pretrained`, loaded by our Hugging Face directory loader.
+(batched, chunked, recompute). Small random checkpoints: tests/worker/test_random_checkpoints.py.
 
-Tolerances (max abs logit difference, float32 on CPU): 1e-3 for the default model (its logits
-reach ~40; we measure ~6e-5), 3e-4 for the small random models (logits ~35; we measure ~3e-5).
+Tolerance (max abs logit difference, float32 on CPU): 1e-3 (its logits reach ~40; we measure
+~6e-5).
 Greedy outputs must be equal token for token.
 """
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from hf_reference import hf_greedy
+from paged_driver import GREEDY, PlanDriver, hf_logits, paged_logits
 
 from shared.config import ServerConfig
 from shared.models import ModelNotFound, resolve_model
@@ -26,86 +24,6 @@ from worker.model_runner import ModelRunner
 transformers = pytest.importorskip("transformers")
 
 DEFAULT_ATOL = 1e-3
-RANDOM_ATOL = 3e-4
-GREEDY = SamplingParams(temperature=0.0, max_tokens=None)
-
-
-class PlanDriver:
-    """Plays the scheduler: shuffled block ids, chunked prefill, one decode token per step."""
-
-    def __init__(self, runner: ModelRunner, seed: int = 0):
-        self.runner, self.block_size, self.step_id = runner, runner.config.worker.block_size, 0
-        self.free = list(range(runner.kv_cache.num_blocks))
-        random.Random(seed).shuffle(self.free)
-        self.next_seq_id = 1000 * seed
-
-    def run(self, seqs: list[tuple[list[int], int]], max_new: int, chunk: int = 1 << 30,
-            params: SamplingParams = GREEDY) -> list[list[int]]:
-        """seqs: (known tokens, prompt_len). Returns the tokens each one generates in this run."""
-        ids = list(range(self.next_seq_id, self.next_seq_id + len(seqs)))
-        self.next_seq_id += len(seqs)
-        tokens = {i: list(t) for i, (t, _) in zip(ids, seqs)}
-        computed, blocks, generated = dict.fromkeys(ids, 0), {i: [] for i in ids}, {i: [] for i in ids}
-        new_seqs = [NewSeq(i, list(t), p, [], params) for i, (t, p) in zip(ids, seqs)]
-        while any(len(generated[i]) < max_new for i in ids):
-            active = [i for i in ids if len(generated[i]) < max_new]
-            scheduled = []
-            for i in active:
-                n = min(chunk, len(tokens[i]) - computed[i])
-                need = -(-(computed[i] + n) // self.block_size) - len(blocks[i])
-                new_blocks = [self.free.pop() for _ in range(need)]
-                blocks[i] += new_blocks
-                scheduled.append(ScheduledSeq(i, n, computed[i], new_blocks))
-            result = self.runner.execute(StepPlan(self.step_id, scheduled, new_seqs))
-            self.step_id, new_seqs = self.step_id + 1, []
-            for work, token in zip(scheduled, result.sampled):
-                i = work.seq_id
-                computed[i] += work.num_tokens
-                assert (token == -1) == (computed[i] < len(tokens[i]))
-                if token != -1:
-                    tokens[i].append(token)
-                    generated[i].append(token)
-        self.runner.execute(StepPlan(self.step_id, [], finished_seq_ids=ids))
-        self.step_id += 1
-        for i in ids:
-            self.free += blocks[i]
-        return [generated[i] for i in ids]
-
-
-def paged_logits(runner: ModelRunner, prompts: list[list[int]], first_chunk: int) -> list[torch.Tensor]:
-    """Teacher-forced logits of every position: one batched prefill of `first_chunk` tokens per
-    prompt, then one token per prompt per step (decode-only steps once all prefills are done)."""
-    batch, bs = runner.batch, runner.config.worker.block_size
-    free = list(range(runner.kv_cache.num_blocks))
-    random.Random(1).shuffle(free)
-    for i, p in enumerate(prompts):
-        batch.add(NewSeq(i, p, len(p), [free.pop() for _ in range(-(-len(p) // bs))], GREEDY))
-    done, rows = [0] * len(prompts), [[] for _ in prompts]
-    with torch.inference_mode():
-        while any(d < len(p) for d, p in zip(done, prompts)):
-            active = [i for i, p in enumerate(prompts) if done[i] < len(p)]
-            scheduled = [ScheduledSeq(i, first_chunk if done[i] == 0 else 1, done[i]) for i in active]
-            scheduled = [ScheduledSeq(s.seq_id, min(s.num_tokens, len(prompts[s.seq_id]) - done[s.seq_id]),
-                                      s.num_computed_tokens) for s in scheduled]
-            inputs = batch.prepare(scheduled)
-            assert inputs.meta.decode_only == all(s.num_tokens == 1 for s in scheduled)
-            hidden = runner.model(inputs.input_ids, inputs.positions, inputs.meta, runner.kv_cache.layers())
-            logits = runner.model.compute_logits(hidden)
-            start = 0
-            for s in scheduled:
-                rows[s.seq_id].append(logits[start : start + s.num_tokens])
-                start += s.num_tokens
-                done[s.seq_id] += s.num_tokens
-    batch.drop(list(range(len(prompts))))
-    return [torch.cat(r) for r in rows]
-
-
-def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
-    with torch.inference_mode():
-        return hf_model(torch.tensor([ids])).logits[0].float()
-
-
-# ---- (1) the default GGUF model ------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -256,67 +174,3 @@ def test_swap_out_and_in_continues_identically(runner, prompts, hf_continuations
                                       swap_in=list(zip(host_blocks, new_blocks)))).sampled
     runner.execute(StepPlan(6, [], finished_seq_ids=[1]))
     assert tokens[n:] + resumed == expected[:3]
-
-
-def test_unpermute_inverts_llama_cpp_permutation():
-    """llama.cpp's convert_hf_to_gguf.py permutes q/k rows per head as
-    reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2); we must undo exactly that."""
-    import numpy as np
-
-    from worker.loader import unpermute_rope_rows
-
-    heads, head_dim, cols = 3, 8, 5
-    weight = np.arange(heads * head_dim * cols, dtype=np.float32).reshape(heads * head_dim, cols)
-    permuted = weight.reshape(heads, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(weight.shape)
-    assert np.array_equal(unpermute_rope_rows(permuted, heads), weight)
-
-
-# ---- (2) small random-weight checkpoints in the Hugging Face format ---------------------------
-
-SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             vocab_size=300, max_position_embeddings=256, rms_norm_eps=1e-6)
-
-RANDOM_MODELS = {
-    "llama_gqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
-    "llama3_rope_tied": ("LlamaConfig", "LlamaForCausalLM", dict(
-        num_key_value_heads=1, tie_word_embeddings=True, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
-    "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
-    "qwen3_qk_norm": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=32)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=1, sliding_window=None)),
-}
-
-
-def randomize(hf_model) -> None:
-    """Default init leaves biases at 0 and norms at 1, and gives logits below 1, where greedy
-    near-ties would make the comparison fragile. These give logits of ~30 and top-2 margins of
-    >2e-3 along the greedy paths below (our differences are ~1e-5)."""
-    with torch.no_grad():
-        for name, param in hf_model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            elif "embed" in name or "lm_head" in name:
-                param.normal_(0.0, 1.0)
-            else:
-                param.normal_(0.0, 0.15)
-
-
-@pytest.mark.parametrize("name", sorted(RANDOM_MODELS))
-def test_random_hf_checkpoint_matches(name, tmp_path):
-    config_cls, model_cls, extra = RANDOM_MODELS[name]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**SMALL, **extra, eos_token_id=7, bos_token_id=1)
-    hf = getattr(transformers, model_cls)(config).eval()
-    randomize(hf)
-    hf.save_pretrained(tmp_path)
-    runner = ModelRunner(ServerConfig.from_settings(model=str(tmp_path), num_kv_blocks=64, block_size=8))
-    runner.load()
-    assert runner.eos_token_ids == [7]
-
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (1, 9, 30, 17)]
-    for prompt, logits in zip(prompts, paged_logits(runner, prompts, first_chunk=6)):
-        assert (logits - hf_logits(hf, prompt)).abs().max().item() < RANDOM_ATOL
-    ours = PlanDriver(runner).run([(p, len(p)) for p in prompts], max_new=12, chunk=10)
-    assert ours == [hf_greedy(hf, p, 12) for p in prompts]

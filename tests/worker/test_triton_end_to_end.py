@@ -54,9 +54,10 @@ def prompts() -> list[list[int]]:
 def our_runner(model_dir: str, enforce_eager: bool = False):
     from worker.model_runner import ModelRunner
 
-    runner = ModelRunner(ServerConfig.from_settings(model=model_dir, device=str(DEVICE), dtype=str(DTYPE).removeprefix("torch."),
-                                      num_kv_blocks=64, block_size=BLOCK_SIZE, attention_backend="triton",
-                                      max_num_seqs=4, enforce_eager=enforce_eager))
+    runner = ModelRunner(ServerConfig.from_settings(model=model_dir, device=str(DEVICE),
+                                                    dtype=str(DTYPE).removeprefix("torch."),
+                                                    num_kv_blocks=64, block_size=BLOCK_SIZE, attention_backend="triton",
+                                                    max_num_seqs=4, enforce_eager=enforce_eager))
     runner.load()
     if CUDA:
         assert runner.cuda_graphs == ("off: enforce_eager" if enforce_eager else "captured")
