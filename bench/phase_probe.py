@@ -31,7 +31,9 @@ def probe(address: str, batch: int = 64, vocab_size: int = 49152, seed: int = 0)
     requests = [BenchRequest([rng.randrange(1, vocab_size) for _ in range(PROMPT_LEN)], OUTPUT_LEN)
                 for _ in range(batch)]
     before = asyncio.run(_phase_totals(address)).get(str(batch), {})
-    asyncio.run(run_requests(address, requests))
+    records = asyncio.run(run_requests(address, requests))[0]
+    if failed := [r.error for r in records if not r.ok]:  # the driver records failures; here they void the probe
+        raise RuntimeError(f"{len(failed)} of the probe's {batch} requests failed: {failed[0]}")
     after = asyncio.run(_phase_totals(address)).get(str(batch), {})
     steps = after.get("steps", 0) - before.get("steps", 0)
     if steps <= 0:

@@ -33,7 +33,7 @@ def _cdf(ax, values: list[float], label: str) -> None:
 def _latency_cdfs(plt, path: str, series: dict[str, list[RequestRecord]], title: str) -> str:
     fig, (ttft, e2e) = plt.subplots(1, 2, figsize=(11, 4))
     for name, records in series.items():
-        done = [r for r in records if r.token_times_s]
+        done = [r for r in records if r.ok]
         _cdf(ttft, [r.ttft_s for r in done], name)
         _cdf(e2e, [r.e2e_s for r in done], name)
     for ax, what in ((ttft, "time to first token (s)"), (e2e, "end-to-end latency (s)")):
@@ -48,7 +48,7 @@ def _latency_cdfs(plt, path: str, series: dict[str, list[RequestRecord]], title:
     return path
 
 
-def _rate_curves(plt, path: str, by_rate: dict[str, dict]) -> str:
+def _rate_curves(plt, path: str, by_rate: dict[str, dict], engine: str) -> str:
     finite = [(float(rate), s) for rate, s in by_rate.items() if not math.isinf(float(rate))]
     fig, (tput, ttft) = plt.subplots(1, 2, figsize=(11, 4))
     xs = [rate for rate, _ in finite]
@@ -59,7 +59,7 @@ def _rate_curves(plt, path: str, by_rate: dict[str, dict]) -> str:
     for ax in (tput, ttft):
         ax.set_xlabel("request rate (req/s)")
         ax.grid(alpha=0.3)
-    fig.suptitle("pagedserve under Poisson arrivals")
+    fig.suptitle(f"{engine} under Poisson arrivals")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -71,10 +71,13 @@ def write_plots(mode: str, stem: str, result: dict, records: dict[str, list[Requ
     plt = _pyplot()
     if plt is None:
         return []
-    title = f"{result['num_prompts']} {result['source']} requests, {result['model']} {result['dtype']}"
+    # An HTTP server's dtype is its own (not known here): its address names it instead.
+    served = result.get("dtype") or result.get("base_url", "")
+    title = f"{result['num_prompts']} {result['source']} requests, {result['model']} {served}"
     if mode == "throughput":
         return [_latency_cdfs(plt, stem + "-latency-cdf.png", records, title)]
     written = [_latency_cdfs(plt, stem + "-latency-cdf.png", {f"{r} req/s": v for r, v in records.items()}, title)]
     if sum(not math.isinf(float(rate)) for rate in result["rates"]) >= 2:
-        written.append(_rate_curves(plt, stem + "-rates.png", result["rates"]))
+        engine = result["base_url"] if result.get("backend") == "openai" else "pagedserve"
+        written.append(_rate_curves(plt, stem + "-rates.png", result["rates"], engine))
     return written

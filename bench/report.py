@@ -41,27 +41,64 @@ def write_json(path: str, result: dict) -> None:
         f.write("\n")
 
 
+def _extra_header(runs) -> str:
+    """Goodput and failure columns, shown only when a run has them (SLOs given, requests failed)."""
+    goodput = any("goodput" in s for s in runs)
+    failed = any(s.get("failed") for s in runs)
+    return (f"{'good req/s':>11}" if goodput else "") + (f"{'failed':>8}" if failed else "")
+
+
+def _extra_cells(runs, s: dict) -> str:
+    goodput = any("goodput" in r for r in runs)
+    failed = any(r.get("failed") for r in runs)
+    cells = ""
+    if goodput:
+        cells += f"{s['goodput']['requests_per_s']:>11.3f}" if "goodput" in s else f"{'-':>11}"
+    return cells + (f"{s.get('failed', 0):>8}" if failed else "")
+
+
 def throughput_table(engines: dict[str, dict], baseline: str = "pagedserve") -> str:
-    """One row per engine: throughputs, latencies, and pagedserve's output tok/s as a multiple of each."""
+    """One row per engine: throughputs, latencies, and the baseline's output tok/s as a multiple of
+    each (pagedserve, or the HTTP server driven with --backend openai)."""
+    runs = list(engines.values())
     rows = [f"{'engine':<26}{'out tok/s':>10}{'total tok/s':>12}{'req/s':>8}{'TTFT p50 ms':>12}"
-            f"{'TPOT p50 ms':>12}{'E2E p99 s':>10}{'ours / it':>10}"]
+            f"{'TPOT p50 ms':>12}{'E2E p99 s':>10}{'ours / it':>10}" + _extra_header(runs)]
     ours = engines[baseline]["output_tokens_per_s"] if baseline in engines else None
     for name, s in engines.items():
         ratio = f"{ours / s['output_tokens_per_s']:.2f}x" if ours and s["output_tokens_per_s"] else "-"
         rows.append(f"{name:<26}{s['output_tokens_per_s']:>10.1f}{s['total_tokens_per_s']:>12.1f}"
                     f"{s['requests_per_s']:>8.3f}{s['ttft_ms']['median']:>12.0f}{s['tpot_ms']['median']:>12.1f}"
-                    f"{s['e2e_ms']['p99'] / 1000:>10.1f}{ratio:>10}")
+                    f"{s['e2e_ms']['p99'] / 1000:>10.1f}{ratio:>10}" + _extra_cells(runs, s))
     return "\n".join(rows)
 
 
 def serve_table(by_rate: dict[str, dict]) -> str:
+    """One row per request rate; KV peak and preemptions are "-" for an HTTP server (no stats)."""
+    runs = list(by_rate.values())
     rows = [f"{'rate req/s':>10}{'out tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}"
-            f"{'ITL p99':>9}{'E2E p99':>10}{'KV peak':>9}{'preempt':>9}   (ms)"]
+            f"{'ITL p99':>9}{'E2E p99':>10}{'KV peak':>9}{'preempt':>9}" + _extra_header(runs) + "   (ms)"]
     for rate, s in by_rate.items():
+        kv = f"{s['kv_usage_peak']:>9.0%}" if "kv_usage_peak" in s else f"{'-':>9}"
         rows.append(f"{rate:>10}{s['output_tokens_per_s']:>10.1f}{s['ttft_ms']['median']:>10.0f}"
                     f"{s['ttft_ms']['p99']:>10.0f}{s['tpot_ms']['median']:>10.1f}{s['itl_ms']['p99']:>9.0f}"
-                    f"{s['e2e_ms']['p99']:>10.0f}{s.get('kv_usage_peak', 0):>9.0%}{s.get('preemptions', 0):>9}")
+                    f"{s['e2e_ms']['p99']:>10.0f}{kv}{s.get('preemptions', '-'):>9}" + _extra_cells(runs, s))
     return "\n".join(rows)
+
+
+def slo_line(slos_ms: dict[str, float]) -> str:
+    """What the goodput column counts, e.g. `goodput: completed requests/s with ttft <= 500 ms`."""
+    return "good req/s: completed requests per second with " + " and ".join(
+        f"{metric} <= {limit:g} ms" for metric, limit in slos_ms.items())
+
+
+def failure_lines(runs: dict[str, dict]) -> list[str]:
+    """One line per run with failed requests, with its most common errors."""
+    lines = []
+    for name, s in runs.items():
+        if s.get("failed"):
+            errors = "; ".join(f"{e['error']} (x{e['count']})" for e in s.get("errors", []))
+            lines.append(f"{name}: {s['failed']} of {s['num_requests']} requests failed: {errors}")
+    return lines
 
 
 def phases_table(phases: dict) -> str:

@@ -1,10 +1,14 @@
-"""The frontend's connection to the scheduler (a DEALER on the scheduler's ROUTER)."""
+"""The frontend's connection to the scheduler (a DEALER on the scheduler's ROUTER).
+
+The frontend pings the scheduler every PING_S with `FrontendHello`; each reply is an
+`EngineInfo`. The ping doubles as the heartbeat both ways (shared/protocol.py, FrontendHello).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import zmq
@@ -15,6 +19,8 @@ from shared.ipc import make_dealer
 from shared.logging import get_logger
 
 log = get_logger()
+
+PING_S = 1.0
 
 SchedulerHandler = Callable[[p.SchedulerMessage], Awaitable[None] | None]
 
@@ -36,7 +42,13 @@ class EngineClient:
         await self._sock.send(self._encoder.encode(msg))
 
     async def hello(self) -> None:
-        await self.send(p.FrontendHello(frontend_id=self.frontend_id))
+        await self.send(p.FrontendHello(frontend_id=self.frontend_id, protocol_version=p.PROTOCOL_VERSION))
+
+    async def ping_loop(self) -> None:
+        """Say hello every PING_S, for as long as the frontend runs."""
+        while True:
+            await self.hello()
+            await asyncio.sleep(PING_S)
 
     async def add(self, request_id: str, prompt_ids: list[int], params: p.SamplingParams,
                   arrival: float, priority: int) -> None:
@@ -47,10 +59,10 @@ class EngineClient:
         if request_ids:
             await self.send(p.AbortRequests(request_ids=request_ids))
 
-    async def stop_outputs(self, outputs: list[tuple[str, int]]) -> None:
-        """Finish single outputs (request id, output index) that a stop string ended."""
+    async def finish_outputs(self, outputs: list[tuple[str, int]]) -> None:
+        """Finish single outputs (engine request id, output index) that a stop string ended."""
         if outputs:
-            await self.send(p.AbortRequests(request_ids=[], stop_outputs=outputs))
+            await self.send(p.FinishOutputs(outputs=outputs))
 
     async def stats(self, timeout: float = 5.0) -> dict:
         qid = uuid.uuid4().hex

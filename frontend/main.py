@@ -12,10 +12,9 @@ what is left ends with finish_reason "abort". Exit 0.
 from __future__ import annotations
 
 import asyncio
-import signal
-import time
 
 from shared.config import ServerConfig
+from shared.drain import Drain
 from shared.logging import get_logger
 from shared.models import resolve_model
 from shared.sdnotify import Notifier
@@ -35,29 +34,24 @@ def run_frontend(config: ServerConfig) -> int:
     files = resolve_model(config.model.model)
     tokenizer = Tokenizer(files)
     log.info("frontend.tokenizer_loaded", model=files.name, vocab=len(tokenizer))
-    server = FrontendServer(config, tokenizer, files.name)
-    return uvloop.run(_serve_until_stopped(server, config, Notifier()))
+    signalled = asyncio.Event()  # set from the signal handler (on the loop), so the waits below wake at once
+    drain = Drain(config.operations.drain_timeout_s, on_signal=signalled.set)
+    server = FrontendServer(config, tokenizer, files.name, drain)
+    return uvloop.run(_serve_until_stopped(server, drain, signalled, Notifier()))
 
 
-async def _serve_until_stopped(server, config: ServerConfig, notifier: Notifier) -> int:
-    loop = asyncio.get_running_loop()
-    stop, abort_now = asyncio.Event(), asyncio.Event()
-
-    def on_signal() -> None:
-        (abort_now if stop.is_set() else stop).set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+async def _serve_until_stopped(server, drain: Drain, signalled: asyncio.Event, notifier: Notifier) -> int:
+    drain.install_on_loop(asyncio.get_running_loop())
     notifier.status("waiting for the scheduler and the workers")
     serving = asyncio.create_task(server.run())
     watchdog = asyncio.create_task(_ready_then_watchdog(server, notifier))
-    stopping = asyncio.create_task(stop.wait())
+    stopping = asyncio.create_task(signalled.wait())
     try:
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if serving.done():
             serving.result()  # a fatal error: raise it
             raise RuntimeError("the frontend's server loop ended by itself")
-        await _drain(server, config.operations.drain_timeout_s, abort_now, notifier)
+        await _drain(server, drain, signalled, notifier)
     finally:
         for task in (serving, watchdog, stopping):
             task.cancel()
@@ -68,7 +62,7 @@ async def _serve_until_stopped(server, config: ServerConfig, notifier: Notifier)
 
 
 async def _ready_then_watchdog(server, notifier: Notifier) -> None:
-    await server.became_ready.wait()
+    await server.status.became_ready.wait()
     notifier.ready(f"serving on {server.config.endpoints.listen}")
     period = notifier.tick_period_s
     while period is not None:
@@ -76,18 +70,21 @@ async def _ready_then_watchdog(server, notifier: Notifier) -> None:
         await asyncio.sleep(period / 2)  # tick() itself sends at most one ping per period
 
 
-async def _drain(server, timeout_s: float, abort_now: asyncio.Event, notifier: Notifier) -> None:
-    """Refuse new requests; wait for those in flight, up to `timeout_s` or `abort_now`."""
-    server.draining = True
-    log.info("frontend.draining", requests_in_flight=len(server.requests), timeout_s=timeout_s)
-    notifier.stopping(f"draining {len(server.requests)} request(s)")
-    deadline = time.monotonic() + timeout_s
-    while server.requests and not abort_now.is_set() and time.monotonic() < deadline:
+async def _drain(server, drain: Drain, signalled: asyncio.Event, notifier: Notifier) -> None:
+    """Refuse new requests (`drain.draining` from the first poll on); wait for those in flight
+    until none is left, the drain's deadline passes or a second signal comes."""
+    signalled.clear()
+    drain.poll()  # "begin"; or "abort" at once, had two signals come before we looked
+    in_flight = len(server.table)
+    log.info("frontend.draining", requests_in_flight=in_flight, timeout_s=drain.timeout_s)
+    notifier.stopping(f"draining {in_flight} request(s)")
+    while server.table and not drain.aborted:
         try:
-            await asyncio.wait_for(abort_now.wait(), DRAIN_POLL_S)
-        except asyncio.TimeoutError:
+            await asyncio.wait_for(signalled.wait(), DRAIN_POLL_S)
+        except TimeoutError:
             pass
-    if server.requests:
-        cause = "second_signal" if abort_now.is_set() else "drain_timeout"
+        signalled.clear()
+        drain.poll(work_left=bool(server.table))
+    if server.table:
         request_ids = await server.abort_in_flight()
-        log.warning("frontend.drain_aborted", cause=cause, request_ids=request_ids)
+        log.warning("frontend.drain_aborted", cause=drain.abort_cause, request_ids=request_ids)

@@ -1,102 +1,94 @@
 """The frontend's side of a scheduler restart: hold in-flight requests, resubmit them.
 
-A mixin of `FrontendServer` (frontend/server.py). The frontend pings the
-scheduler every PING_S with `FrontendHello`; each reply is an `EngineInfo`
-carrying the scheduler process's `scheduler_id`. A new id means the scheduler
-restarted and everything it held is gone, so every request in flight is *held*
-(clients see a pause: the KeepAlives go on), and once the new scheduler is ready
-(its workers joined) each held request is resubmitted: its prompt, the tokens
-each output already streamed (`AddRequest.output_token_ids`, which the scheduler
-continues after, counting them towards max_tokens and the seeded token index),
-the outputs already finished, its priority and original arrival time.
+Each `EngineInfo` (the reply to the frontend's ping, frontend/engine_client.py) carries the
+scheduler process's `scheduler_id`. A new id means the scheduler restarted and everything it
+held is gone, so every request in flight is *held* (clients see a pause: the KeepAlives go
+on), and once the new scheduler is ready (its workers joined) each held request is
+resubmitted: its prompt, the tokens each output already streamed
+(`AddRequest.output_token_ids`, which the scheduler continues after, counting them towards
+max_tokens and the seeded token index), the outputs already finished, its priority and
+original arrival time.
 
-A resubmission goes under a new engine request id (`<id>#<attempt>`), and the old
-one is aborted first: an `AddRequest` sent while the scheduler was down may reach
-the new one from the socket's queue, and its tokens must not be mistaken for the
-resubmission's. Deltas for an engine id no longer mapped are dropped.
+A resubmission goes under a new engine request id (`<id>#<attempt>`), and the old one is
+aborted first: an `AddRequest` sent while the scheduler was down may reach the new one from
+the socket's queue, and its tokens must not be mistaken for the resubmission's. Deltas for an
+engine id no longer in the table are dropped.
 
-The same happens when the scheduler says it dropped this frontend
-(`EngineInfo.frontend_drops` grew): the frontend was paused (SIGSTOP, a stalled
-host) past the scheduler's patience, so its requests were aborted there, but the
-frontend still holds their clients and tokens.
+The same happens when the scheduler says it dropped this frontend (`EngineInfo.frontend_drops`
+grew): the frontend was paused (SIGSTOP, a stalled host) past the scheduler's patience, so its
+requests were aborted there, but the frontend still holds their clients and tokens.
 
-New requests keep being accepted once the server was ready once: while the
-scheduler is away (or has no workers yet) they are held too, at most max_waiting.
-A `RequestRejected` with code `unavailable` (a scheduler with no workers yet) also
-holds the request instead of failing it.
+New requests keep being accepted once the server was ready once: while the scheduler is away
+(or has no workers yet) they are held too, at most max_waiting (frontend/intake.py). A
+`RequestRejected` with code `unavailable` (a scheduler with no workers yet) also holds the
+request instead of failing it.
 """
 
 from __future__ import annotations
 
-import asyncio
-
+from frontend.engine_client import EngineClient
+from frontend.requests import FrontendRequest, RequestTable
 from shared import protocol as p
 from shared.logging import get_logger
 
 log = get_logger()
 
-PING_S = 1.0
 
+class Resubmitter:
+    """Tracks which scheduler process answers, and holds and resubmits requests across a change.
 
-class SchedulerRecovery:
-    """Needs from the server: requests, by_engine, engine, info, latest, scheduler_id,
-    ever_ready, became_ready, config."""
+    Owns `scheduler_id` and `frontend_drops` (as last seen); reads and updates the requests in
+    `table` (their `held` flag and engine ids) and sends through `engine`."""
 
-    async def _ping_loop(self) -> None:
-        while True:
-            await self.engine.hello()
-            await asyncio.sleep(PING_S)
+    def __init__(self, engine: EngineClient, table: RequestTable) -> None:
+        self._engine = engine
+        self._table = table
+        self.scheduler_id = ""  # the scheduler process answering us ("" before the first reply)
+        self.frontend_drops = 0  # EngineInfo.frontend_drops last seen
 
-    async def _on_info(self, msg: p.EngineInfo) -> None:
+    def notice(self, msg: p.EngineInfo) -> None:
+        """Hold every request in flight if `msg` comes from a new scheduler process, or says
+        this one dropped us; remember who answers."""
         if self.scheduler_id and msg.scheduler_id != self.scheduler_id:
             self._hold_all()
             log.warning("frontend.scheduler_restarted", scheduler_id=msg.scheduler_id,
-                        requests_held=[req.request_id for req in self.requests.values()])
+                        requests_held=[req.request_id for req in self._table])
         elif self.scheduler_id and msg.frontend_drops != self.frontend_drops:
             # We were paused long enough for the scheduler to abort our requests: they are ours still.
             self._hold_all()
             log.warning("frontend.dropped_by_scheduler", drops=msg.frontend_drops,
-                        requests_held=[req.request_id for req in self.requests.values()])
+                        requests_held=[req.request_id for req in self._table])
         self.scheduler_id = msg.scheduler_id
         self.frontend_drops = msg.frontend_drops
-        self.latest = msg
-        if not msg.ready:
-            return
-        self.info = msg  # the model's facts, for validation; kept while a new scheduler starts
-        if not self.ever_ready:
-            self.ever_ready = True
-            log.info("server.ready", listen=self.config.endpoints.listen, model=msg.model, max_model_len=msg.max_model_len,
-                     kv_blocks=msg.num_device_blocks, block_size=msg.block_size)
-            self.became_ready.set()
-        if any(req.held for req in self.requests.values()):
-            await self._resubmit()
 
     def _hold_all(self) -> None:
-        for req in self.requests.values():
+        for req in self._table:
             req.held = True
 
-    def _hold(self, req) -> None:
-        """Keep `req` for the next ready scheduler (it was rejected as unavailable)."""
+    @staticmethod
+    def hold(req: FrontendRequest) -> None:
+        """Keep `req` for the next ready scheduler (none is ready, or it was rejected as unavailable)."""
         req.held = True
 
-    def _engine_id(self, req) -> str:
+    def _next_engine_id(self, req: FrontendRequest) -> str:
         """A fresh engine request id for `req`'s next submission."""
         while True:
             req.attempt += 1
             engine_id = f"{req.request_id}#{req.attempt}"
-            if engine_id not in self.by_engine:
+            if not self._table.id_in_use(engine_id):
                 return engine_id
 
-    async def _resubmit(self) -> None:
-        held = [req for req in self.requests.values() if req.held]
-        await self.engine.abort([req.engine_id for req in held])  # stale copies, should one arrive
+    async def resubmit_held(self) -> None:
+        """Send every held request to the (ready) scheduler, with the tokens it has so far."""
+        held = self._table.held()
+        if not held:
+            return
+        await self._engine.abort([req.engine_id for req in held])  # stale copies, should one arrive
         for req in held:
-            self.by_engine.pop(req.engine_id, None)
-            req.engine_id = self._engine_id(req)
+            self._table.rename(req, self._next_engine_id(req))
             req.held = False
-            self.by_engine[req.engine_id] = req
             tokens = [out.token_ids for out in req.outputs]
-            await self.engine.send(p.AddRequest(
+            await self._engine.send(p.AddRequest(
                 request_id=req.engine_id, prompt_token_ids=req.prompt_ids, params=req.params,
                 arrival_time=req.arrival_wall, priority=req.priority,
                 output_token_ids=tokens if any(tokens) else [],

@@ -38,7 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     timeout_s = args.timeout_s
     lock_wait_s = timeout_s if args.lock_wait_s is None else args.lock_wait_s
-    signals = _count_signals()
+    signals, restore = _count_signals()
+    try:
+        return _build(args, timeout_s, lock_wait_s, signals)
+    finally:
+        restore()
+
+
+def _build(args, timeout_s: float, lock_wait_s: float, signals: list[int]) -> int:
+    """Build or find the kernel; the exit code (see the module docstring)."""
 
     def say(line: str) -> None:
         print(f"pagedserve build-kernels: {line}", file=sys.stderr, flush=True)
@@ -74,14 +82,21 @@ def run(args) -> int:
     return 1 if args.strict or signals[0] else 0
 
 
-def _count_signals() -> list[int]:
+def _count_signals():
     """SIGTERM/SIGINT counted in a one-element list (polled by the build, which then kills the
-    compiler and cleans up) rather than killing us mid-build. Only the main thread can install."""
+    compiler and cleans up) rather than killing us mid-build; and a function that puts the
+    previous handlers back. Only the main thread can install handlers: elsewhere, none."""
     count = [0]
-    if threading.current_thread() is threading.main_thread():
-        def handler(_signum, _frame) -> None:
-            count[0] += 1
+    if threading.current_thread() is not threading.main_thread():
+        return count, lambda: None
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-    return count
+    def handler(_signum, _frame) -> None:
+        count[0] += 1
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return count, restore

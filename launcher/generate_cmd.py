@@ -31,6 +31,8 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest; 0: all "
                                                                          "(default: 0)")
     gen.add_argument("--seed", type=int, default=None, metavar="N", help="reproducible sampling (default: none)")
+    gen.add_argument("--ignore-eos", action="store_true", help="generate max_tokens even past the end-of-sequence "
+                                                                 "token (benchmarks)")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                      help="wait this long for the server to become ready (default: 0)")
@@ -54,7 +56,7 @@ def _wait_ready(client: Client, seconds: float) -> None:
 def run_generate(args) -> int:
     check_address_or_exit("generate", args.server)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     try:
         params.validate()
     except ValueError as e:

@@ -1,92 +1,33 @@
-"""Admission: reject at once what is malformed or can never fit.
+"""Admission: reject at once what is malformed, can never fit, or finds the queue full.
 
-A rejected request gets a typed `ErrorCode` and a message naming the problem,
-so the client learns what to change. Everything admitted is guaranteed to fit
-the KV cache on its own, which is what lets the policy promise progress.
+The checks the frontend runs too (shapes, ranges, lengths, KV capacity) are
+shared/validation.py's, with the same messages; here are only those that need
+the scheduler's state: request ids in flight, the waiting queue's bound, and a
+resubmission's outputs so far. Everything admitted fits the KV cache on its
+own, which is what lets the policy promise progress.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 from shared.protocol import AddRequest, ErrorCode
+from shared.validation import Limits, Rejected, check_request
+
+__all__ = ["Limits", "Rejected", "check_admission"]
 
 
-class Rejected(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+def check_admission(msg: AddRequest, limits: Limits, *, in_flight: bool, num_waiting: int, max_waiting: int) -> int:
+    """`msg`'s resolved max_tokens (tokens per output), or raise `Rejected`.
 
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What any one sequence may use. Lengths in tokens, capacity in blocks."""
-
-    max_model_len: int
-    vocab_size: int
-    num_device_blocks: int
-    block_size: int
-    max_num_batched_tokens: int
-    enable_chunked_prefill: bool = True
-
-
-def check_request(msg: AddRequest, limits: Limits) -> int:
-    """Validate `msg`; return its resolved max_tokens, or raise `Rejected`.
-
-    Costs O(prompt length) (the token id range check).
-    """
-    prompt_len = len(msg.prompt_token_ids)
-    if prompt_len == 0:
-        raise Rejected(ErrorCode.INVALID_REQUEST, "prompt_token_ids is empty")
-    _check_token_ids(msg.prompt_token_ids, limits.vocab_size)
-    try:
-        msg.params.validate(limits.vocab_size)
-    except ValueError as e:
-        raise Rejected(ErrorCode.INVALID_REQUEST, str(e)) from None
-    if not math.isfinite(msg.arrival_time):
-        raise Rejected(ErrorCode.INVALID_REQUEST, f"arrival_time must be finite, got {msg.arrival_time}")
-
-    max_tokens = msg.params.max_tokens
-    if max_tokens is None:
-        max_tokens = limits.max_model_len - prompt_len
-        if max_tokens < 1:
-            raise Rejected(
-                ErrorCode.TOO_LONG,
-                f"prompt of {prompt_len} tokens leaves no room to generate within max_model_len={limits.max_model_len}",
-            )
-    total = prompt_len + max_tokens
-    if total > limits.max_model_len:
-        raise Rejected(
-            ErrorCode.TOO_LONG,
-            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
-            f"max_model_len={limits.max_model_len}",
-        )
-    blocks = -(-total // limits.block_size)
-    if blocks > limits.num_device_blocks:
-        raise Rejected(
-            ErrorCode.TOO_LONG,
-            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) needs {blocks} KV blocks of "
-            f"{limits.block_size} tokens; the cache has {limits.num_device_blocks}",
-        )
-    # Without chunked prefill a sequence recomputed after a preemption just
-    # before its last token prefills total - 1 tokens in one step.
-    if not limits.enable_chunked_prefill and total - 1 > limits.max_num_batched_tokens:
-        raise Rejected(
-            ErrorCode.TOO_LONG,
-            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) may need a prefill of {total - 1} "
-            f"tokens, over max_num_batched_tokens={limits.max_num_batched_tokens}",
-        )
+    `in_flight`: a request with this id is in flight; `num_waiting`: sequences queued for
+    admission now, at most `max_waiting` (backpressure: a bounded queue, never silence).
+    Costs O(prompt length)."""
+    if in_flight:
+        raise Rejected(ErrorCode.INVALID_REQUEST, f"request id {msg.request_id!r} is already in flight")
+    if num_waiting >= max_waiting:
+        raise Rejected(ErrorCode.OVERLOADED, f"{num_waiting} sequences are waiting already "
+                                             f"(max_waiting {max_waiting}): retry later")
+    max_tokens = check_request(msg.prompt_token_ids, msg.params, limits, msg.arrival_time)
+    if len(msg.output_token_ids) > msg.params.n or any(len(t) >= max_tokens for t in msg.output_token_ids):
+        raise Rejected(ErrorCode.INVALID_REQUEST, "output_token_ids: more outputs than n, or one that "
+                                                  "already reached max_tokens")
     return max_tokens
-
-
-def _check_token_ids(token_ids: list[int], vocab_size: int) -> None:
-    lowest, highest = min(token_ids), max(token_ids)
-    if lowest >= 0 and highest < vocab_size:
-        return
-    bad_index, bad = next((i, t) for i, t in enumerate(token_ids) if not 0 <= t < vocab_size)
-    raise Rejected(
-        ErrorCode.INVALID_REQUEST,
-        f"prompt_token_ids[{bad_index}] = {bad} is outside the vocabulary [0, {vocab_size})",
-    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 BlockHash = bytes
 
@@ -32,6 +33,17 @@ def block_hashes(token_ids: Sequence[int], block_size: int, start: int = 0, pare
     for i in range(start, end):
         parent = chain_hash(parent, token_ids[i * block_size:(i + 1) * block_size])
         yield parent
+
+
+@dataclass(slots=True)
+class PrefixHit:
+    """Cached device blocks holding a sequence's first ``len(block_ids)`` full blocks."""
+
+    block_ids: list[int] = field(default_factory=list)
+    hashes: list[BlockHash] = field(default_factory=list)
+
+    def num_tokens(self, block_size: int) -> int:
+        return len(self.block_ids) * block_size
 
 
 class PrefixCache:

@@ -1,7 +1,7 @@
 """Throughput and step-time figures the scheduler loop adds to `Scheduler.stats()`.
 
-Counted from the plans and results the loop moves, so the `Scheduler` need not
-know about time:
+Counted from the plans and results the worker link moves (scheduler/worker_link.py),
+so the `Scheduler` need not know about time:
 
 * prompt tokens: tokens a step computes out of what a sequence already had when
   it was (re)sent to the worker, i.e. prefill, and recompute after a preemption.
@@ -35,9 +35,12 @@ class StepStats:
         self._last: tuple[float, int, int] | None = None  # (monotonic s, prompt_tokens, tokens_generated)
         self.rates: dict[str, float] = {"prompt_tokens_per_s": 0.0, "generation_tokens_per_s": 0.0}
         self.decode_phases: dict[int, dict[str, float]] = {}  # batch size -> phase -> seconds (+ "steps")
+        self._plan_times = (0.0, 0.0)  # perf_counter seconds: the plan in flight's schedule start, and its send
 
-    def on_plan(self, plan: StepPlan) -> None:
-        """Call once per plan sent. Order as the worker applies it: drops, then new seqs."""
+    def on_plan(self, plan: StepPlan, *, started: float, sent: float) -> None:
+        """Call once per plan sent: `started` when scheduling began, `sent` when the plan left
+        (perf_counter seconds). Order as the worker applies it: drops, then new seqs."""
+        self._plan_times = (started, sent)
         for seq_id in plan.finished_seq_ids:
             self._known_len.pop(seq_id, None)
         for seq in plan.new_seqs:
@@ -47,11 +50,16 @@ class StepStats:
             end = min(work.num_computed_tokens + work.num_tokens, known)
             self.prompt_tokens += max(0, end - work.num_computed_tokens)
 
-    def on_result(self, result: StepResult) -> None:
+    def on_result(self, plan: StepPlan, result: StepResult, *, received: float, applied: float) -> None:
+        """Call once per result applied: `received` when it arrived, `applied` when its deltas were
+        sent (perf_counter seconds); `plan` is the plan it answers, the last one `on_plan` saw."""
         self.step_times.append(result.step_time_s)
+        started, sent = self._plan_times
+        self._account_phases(plan, result, schedule_s=sent - started, round_trip_s=received - sent,
+                             update_s=applied - received)
 
-    def on_step_timing(self, plan: StepPlan, result: StepResult, schedule_s: float, round_trip_s: float,
-                       update_s: float) -> None:
+    def _account_phases(self, plan: StepPlan, result: StepResult, schedule_s: float, round_trip_s: float,
+                        update_s: float) -> None:
         """Account one finished step's phases (seconds) if it was decode-only."""
         if not plan.scheduled or any(work.num_tokens != 1 for work in plan.scheduled) or plan.new_seqs:
             return

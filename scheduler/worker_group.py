@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.protocol import WorkerHello
+from shared.protocol import PROTOCOL_VERSION, WorkerHello
 
 # Facts every rank must agree on: they run the same model the same way.
 _SAME_ON_EVERY_RANK = ("model", "block_size", "vocab_size", "eos_token_ids", "dtype")
@@ -52,6 +52,9 @@ class WorkerGroup:
 
     def refusal(self, hello: WorkerHello) -> str | None:
         """Why `hello` cannot join, or None."""
+        if hello.protocol_version != PROTOCOL_VERSION:
+            return (f"rank {hello.rank} speaks protocol version {hello.protocol_version} but the scheduler speaks "
+                    f"version {PROTOCOL_VERSION}: run the same pagedserve version in every role")
         if hello.world_size != self.size:
             return f"world size {hello.world_size} is not the scheduler's tensor_parallel_size {self.size}"
         if not 0 <= hello.rank < self.size:

@@ -46,7 +46,9 @@ class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             choices = literal_choices(f.type)
             value = getattr(self, f.name)
             if choices and value not in choices:
-                raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+                names = [str(c) for c in choices]
+                listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+                raise ValueError(f"{f.name} must be {listed}, got {value!r}")
 
 
 def literal_choices(annotation) -> tuple:

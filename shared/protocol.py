@@ -357,6 +357,7 @@ class EngineInfo(_Internal, tag="engine_info"):
     enable_chunked_prefill: bool = True
     # Set when the scheduler refuses this frontend: its protocol version is not ours.
     refusal: str = ""
+    kv_cache_bytes: int = 0  # one worker's KV cache (rank 0's; every rank holds the same share)
 
 
 class TokenDelta(_Internal, tag="td"):

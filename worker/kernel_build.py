@@ -18,18 +18,16 @@ from shared.logging import get_logger
 
 log = get_logger()
 
-# The one place to change the worker's bounds (seconds); a config value may replace them later.
-DEFAULT_KERNEL_BUILD_TIMEOUT_S = 600.0  # the compile itself
-DEFAULT_LOCK_WAIT_S = 600.0  # waiting for another process (another rank, `pagedserve build-kernels`)
 
 
-def prepare_cpu_kernel(timeout_s: float = DEFAULT_KERNEL_BUILD_TIMEOUT_S,
-                       cancelled: Callable[[], bool] | None = None,
-                       lock_wait_s: float = DEFAULT_LOCK_WAIT_S) -> str:
+def prepare_cpu_kernel(timeout_s: float, cancelled: Callable[[], bool] | None = None,
+                       lock_wait_s: float | None = None) -> str:
     """Build or find the kernel, logging its progress; returns "built", "cached" or
     "failed: <reason>". `timeout_s` bounds the compile and `lock_wait_s` the wait for another
     process's build (seconds); `cancelled()` is polled during both. Decided once per process:
-    a later call (TorchAttentionBackend's own `cpu_kernels.load()`) gets the same answer at once."""
+    a later call (TorchAttentionBackend's own `cpu_kernels.load()`) gets the same answer at once.
+    The worker passes `[worker] kernel_build_timeout_s` for both bounds (`lock_wait_s` None: the same)."""
+    lock_wait_s = timeout_s if lock_wait_s is None else lock_wait_s
     from kernels import cpu_kernels  # imports torch
 
     def on_event(kind: str, fields: dict) -> None:
@@ -54,3 +52,12 @@ def prepare_cpu_kernel(timeout_s: float = DEFAULT_KERNEL_BUILD_TIMEOUT_S,
     if result is None or result.action == "failed":
         return f"failed: {cpu_kernels.error()}"
     return result.action
+
+
+def cpu_kernel_status(backend) -> str:
+    """For `worker.loaded`: "built" or "cached" (in use), "off" (not a CPU torch backend), or why not."""
+    from kernels import cpu_kernels
+
+    if getattr(backend, "cpu_kernel", False):
+        return cpu_kernels.last_load().action
+    return f"unavailable: {cpu_kernels.error()}" if cpu_kernels.error() else "off"

@@ -21,13 +21,13 @@ from kernels import reference, swap_ops
 from shared.config import ServerConfig
 from shared.logging import get_logger
 from shared.models import resolve_model
-from shared.protocol import StepPlan, StepResult, WorkerHello
+from shared.protocol import PROTOCOL_VERSION, StepPlan, StepResult, WorkerHello
 from worker.activation_profile import profile_activation_peak
 from worker.attention import get_attention_backend
 from worker.cpu_linear import pack_linears, should_pack
 from worker.decode_graphs import Capture, DecodeGraphs, capture_sizes, cuda_capture
 from worker.input_batch import InputBatch, StepInputs
-from worker.kernel_build import DEFAULT_KERNEL_BUILD_TIMEOUT_S, prepare_cpu_kernel
+from worker.kernel_build import cpu_kernel_status, prepare_cpu_kernel
 from worker.kv_cache import (GIB, KVCache, allocate_kv_cache, bytes_per_block, kv_cache_budget_bytes,
                              plan_num_blocks)
 from worker.loader import load_model, resolve_dtype
@@ -71,7 +71,8 @@ class ModelRunner:
         self.files = resolve_model(config.model.model)
         self.dtype = resolve_dtype(config.worker.dtype, device)
         if device.type == "cpu" and self.attention_backend == "torch":  # before the backend: logged, cancellable
-            prepare_cpu_kernel(DEFAULT_KERNEL_BUILD_TIMEOUT_S, self.cancelled)
+            bound_s = config.worker.kernel_build_timeout_s  # the compile, and the wait for another build
+            prepare_cpu_kernel(bound_s, self.cancelled, lock_wait_s=bound_s)
             if self.cancelled():
                 return
         backend = get_attention_backend(self.attention_backend, device)
@@ -120,7 +121,7 @@ class ModelRunner:
         log.info("worker.loaded", model=self.files.name, device=str(device), rank=self.group.rank,
                  tensor_parallel_size=self.group.world_size, kv_heads=self.num_kv_heads,
                  dtype=str(self.dtype).removeprefix("torch."),
-                 attention_backend=self.attention_backend, cpu_decode_kernel=_cpu_kernel_status(backend),
+                 attention_backend=self.attention_backend, cpu_decode_kernel=cpu_kernel_status(backend),
                  cpu_linear=self.cpu_linear, cuda_graphs=self.cuda_graphs,
                  num_device_blocks=num_blocks,
                  num_host_blocks=num_host_blocks, block_size=config.worker.block_size, max_model_len=self.max_model_len,
@@ -186,6 +187,7 @@ class ModelRunner:
             max_model_len=self.max_model_len, vocab_size=self.args.vocab_size,
             eos_token_ids=list(self.eos_token_ids), model=self.files.name,
             dtype=str(self.dtype).removeprefix("torch."), device=str(self.device), memory=dict(self.memory_profile),
+            protocol_version=PROTOCOL_VERSION,
         )
 
     def close(self) -> None:
@@ -288,12 +290,3 @@ class ModelRunner:
         index = torch.tensor(pairs, dtype=torch.int64)
         for s, d in zip((*src.key_caches, *src.value_caches), (*dst.key_caches, *dst.value_caches)):
             swap_ops.swap_blocks(s, d, index)
-
-
-def _cpu_kernel_status(backend) -> str:
-    """For `worker.loaded`: "built", "off" (not a CPU torch backend), or why it could not be built."""
-    from kernels import cpu_kernels
-
-    if getattr(backend, "cpu_kernel", False):
-        return "built"
-    return f"unavailable: {cpu_kernels.error()}" if cpu_kernels.error() else "off"

@@ -44,11 +44,14 @@ def test_throughput_against_both_peers(tmp_path):
 
 
 def test_serve_sweep_of_rates(tmp_path):
-    _bench(tmp_path, "serve", "--request-rate", "4", "8", "inf", "--burstiness", "0.5", "--tag", "tiny-serve")
+    _bench(tmp_path, "serve", "--request-rate", "4", "8", "inf", "--burstiness", "0.5", "--tag", "tiny-serve",
+           "--goodput", "ttft:600000", "tpot:600000")
     result = json.loads((tmp_path / "tiny-serve.json").read_text())
     assert list(result["rates"]) == ["4", "8", "inf"] and result["burstiness"] == 0.5
+    assert result["backend"] == "zmq" and result["dtype"] == "float32"
     for rate in result["rates"].values():
-        assert rate["num_requests"] == 3 and 12 <= rate["output_tokens"] <= 15
+        assert rate["num_requests"] == rate["completed"] == 3 and 12 <= rate["output_tokens"] <= 15
+        assert rate["failed"] == 0 and rate["goodput"]["good_requests"] == 3  # an SLO of 10 minutes
     pytest.importorskip("matplotlib")
     assert (tmp_path / "tiny-serve-rates.png").exists() and (tmp_path / "tiny-serve-latency-cdf.png").exists()
 

@@ -27,8 +27,11 @@ class ServerProcess:
     """A running server; `events` collects every JSON event it logged on stdout."""
 
     def __init__(self, run_dir: str, *extra: str, separate_roles: bool = False, ready_timeout_s: float = 300.0,
-                 role_env: dict[str, dict[str, str]] | None = None):
-        """`role_env`: extra environment variables per role name (e.g. a NOTIFY_SOCKET each)."""
+                 role_env: dict[str, dict[str, str]] | None = None, env: dict[str, str] | None = None,
+                 wait_ready: bool = True):
+        """`role_env`: extra environment variables per role name (e.g. a NOTIFY_SOCKET each); `env`:
+        extra ones for every role. `wait_ready=False`: return once started, without waiting for
+        `server.ready` (then `wait_for` it, or for whatever the test expects instead)."""
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.run_dir = run_dir
         flags = ["--model", "default", "--device", "cpu", "--dtype", "float32", "--listen", self.address,
@@ -39,14 +42,14 @@ class ServerProcess:
         self._ready = threading.Event()
         self.roles = roles
         self.procs = [subprocess.Popen([sys.executable, "-m", "launcher", role, *flags], stdout=subprocess.PIPE,
-                                       env={**os.environ, **(role_env or {}).get(role, {})},
+                                       env={**os.environ, **(env or {}), **(role_env or {}).get(role, {})},
                                        stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
                                        start_new_session=True) for role in roles]
         self._readers = [threading.Thread(target=self._read, args=(p,), daemon=True) for p in self.procs]
         for r in self._readers:
             r.start()
         deadline = time.monotonic() + ready_timeout_s
-        while not self._ready.wait(0.5):
+        while wait_ready and not self._ready.wait(0.5):
             if any(p.poll() is not None for p in self.procs) or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"server did not become ready; last events: {self.events[-5:]}")

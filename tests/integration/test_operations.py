@@ -58,7 +58,7 @@ def logged_event_names() -> set[str]:
     """Event names passed literally to a structlog call anywhere in the code."""
     call = re.compile(r"\b_?log\.(?:debug|info|warning|error|exception)\(\s*\"([a-z_]+\.[a-z_.]+)\"")
     names = set()
-    for package in ("shared", "frontend", "scheduler", "worker", "kernels"):
+    for package in ("launcher", "shared", "frontend", "scheduler", "worker", "kernels"):
         for dirpath, _, files in os.walk(os.path.join(ROOT, package)):
             for name in files:
                 if name.endswith(".py"):

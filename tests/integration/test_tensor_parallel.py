@@ -27,7 +27,7 @@ from server_process import ServerProcess, free_port
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "worker"))
 from hf_reference import hf_greedy  # noqa: E402
-from test_model_vs_transformers import randomize  # noqa: E402
+from test_random_checkpoints import randomize  # noqa: E402
 from test_operations import check_events_against_docs  # noqa: E402
 
 from shared.client import AsyncClient, Client

@@ -135,7 +135,7 @@ def make_scheduler(*, num_blocks=1000, block_size=4, max_model_len=256, max_num_
                                         enable_chunked_prefill=enable_chunked_prefill,
                                         enable_prefix_caching=enable_prefix_caching,
                                         preemption_mode=preemption_mode)
-    return Scheduler(config, num_device_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
+    return Scheduler(config.scheduler, num_device_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
                      vocab_size=vocab_size, eos_token_ids=list(eos), num_host_blocks=num_host_blocks)
 
 
@@ -175,7 +175,7 @@ class Harness:
         for work in plan.scheduled:
             seq, mirror = sched.get_sequence(work.seq_id), self.worker.seqs[work.seq_id]
             assert seq.block_table == mirror.block_ids and seq.token_ids == mirror.token_ids
-        self.record(sched.update(plan, self.worker.run(plan)))
+        self.record(sched.update(self.worker.run(plan)))
         sched.check_invariants()
         return plan
 

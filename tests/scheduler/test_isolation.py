@@ -34,11 +34,11 @@ def _run(h: Harness, crash) -> list[list[str]]:
         ids = [sched.get_sequence(work.seq_id).request_id for work in plan.scheduled]
         if crash(plan, ids, steps):
             crashed.append(ids)
-            h.record(sched.on_worker_restart(plan))
+            h.record(sched.on_worker_restart(blame_in_flight=True))
             _new_worker(h)
         else:
             h.worker.apply(plan)
-            h.record(sched.update(plan, h.worker.run(plan)))
+            h.record(sched.update(h.worker.run(plan)))
         sched.check_invariants()
         steps += 1
         assert steps < 5000

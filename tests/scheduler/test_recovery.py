@@ -71,8 +71,8 @@ def test_the_waiting_queue_is_bounded():
     from shared.config import ServerConfig
     from scheduler.scheduler import Scheduler
 
-    sched = Scheduler(ServerConfig.from_settings(max_waiting=3), num_device_blocks=100, block_size=4, max_model_len=64,
-                      vocab_size=64, eos_token_ids=[0])
+    sched = Scheduler(ServerConfig.from_settings(max_waiting=3).scheduler, num_device_blocks=100, block_size=4,
+                      max_model_len=64, vocab_size=64, eos_token_ids=[0])
     assert all(sched.add_request(add(f"r{i}", [1, 2], max_tokens=4), b"fe") is None for i in range(3))
     rejected = sched.add_request(add("r3", [1, 2], max_tokens=4), b"fe")
     assert rejected.code == "overloaded" and "max_waiting 3" in rejected.message
@@ -82,7 +82,7 @@ def test_the_waiting_queue_is_bounded():
 def hello(rank: int = 0, world_size: int = 1, blocks: int = 100, **changes) -> p.WorkerHello:
     base = p.WorkerHello(rank=rank, world_size=world_size, num_device_blocks=blocks, num_host_blocks=0,
                          block_size=16, max_model_len=512, vocab_size=1000, eos_token_ids=[2], model="m",
-                         dtype="float32", device="cpu")
+                         dtype="float32", device="cpu", protocol_version=p.PROTOCOL_VERSION)
     return msgspec.structs.replace(base, **changes)
 
 
@@ -155,7 +155,7 @@ def test_a_hung_worker_is_dropped_asked_to_rejoin_and_the_request_resumes(tmp_pa
         w = fw.worker(b"w-1")
         w.send(p.encode(hello()))
         assert isinstance(fw.recv(w), p.HelloAck)
-        fw.frontend.send(p.encode(p.FrontendHello("fe")))
+        fw.frontend.send(p.encode(p.FrontendHello("fe", protocol_version=p.PROTOCOL_VERSION)))
         assert fw.recv(fw.frontend).ready
         params = p.SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         fw.frontend.send(p.encode(p.AddRequest("a", [5, 6, 7], params, arrival_time=0.0)))
@@ -165,7 +165,7 @@ def test_a_hung_worker_is_dropped_asked_to_rejoin_and_the_request_resumes(tmp_pa
         plan = fw.recv_kind(w, p.StepPlan)  # ... and the worker hangs on it: silent past the timeout
         deadline = time.monotonic() + 10
         while True:  # a frontend learns of it from its pings' answers
-            fw.frontend.send(p.encode(p.FrontendHello("fe")))
+            fw.frontend.send(p.encode(p.FrontendHello("fe", protocol_version=p.PROTOCOL_VERSION)))
             info = fw.recv_kind(fw.frontend, p.EngineInfo)
             if info.workers_ready == 0 or time.monotonic() > deadline:
                 break
@@ -196,7 +196,7 @@ def test_a_restarted_worker_replaces_its_predecessor_at_once(tmp_path):
         old = fw.worker(b"w-old")
         old.send(p.encode(hello()))
         assert isinstance(fw.recv(old), p.HelloAck)
-        fw.frontend.send(p.encode(p.FrontendHello("fe")))
+        fw.frontend.send(p.encode(p.FrontendHello("fe", protocol_version=p.PROTOCOL_VERSION)))
         assert fw.recv(fw.frontend).ready
         params = p.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         fw.frontend.send(p.encode(p.AddRequest("a", [5, 6, 7], params, arrival_time=0.0)))

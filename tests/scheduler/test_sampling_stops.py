@@ -22,17 +22,17 @@ def test_eos_does_not_finish_before_min_tokens():
     assert h.outputs[("m", 0)] == [EOS] * 4 and h.finished[("m", 0)].finish_reason == "stop"
 
 
-def test_stop_outputs_finishes_one_output_and_frees_its_blocks():
+def test_finish_outputs_finishes_one_output_and_frees_its_blocks():
     h = Harness(make_scheduler(enable_prefix_caching=False), sample=_always(9))
     h.add(add("n", [1, 2, 3, 4, 5, 6], n=2, max_tokens=40, seed=3))
     for _ in range(6):
         h.step()
     sched = h.scheduler
     used = sched.stats()["kv_blocks_used"]
-    outputs = sched.stop_outputs([("n", 1), ("n", 7), ("unknown", 0)])
+    outputs = sched.finish_outputs([("n", 1), ("n", 7), ("unknown", 0)])
     assert [(d.request_id, d.index, d.finish_reason) for _, d in outputs] == [("n", 1, "stop")]
     assert sched.stats()["kv_blocks_used"] < used
-    assert sched.stop_outputs([("n", 1)]) == []  # already finished: ignored
+    assert sched.finish_outputs([("n", 1)]) == []  # already finished: ignored
     sched.check_invariants()
     h.record(outputs)
     h.run()
@@ -47,6 +47,6 @@ def test_logprobs_of_the_result_ride_on_the_deltas():
     plan = sched.schedule()
     chosen = TokenLogprobs(7, -0.5, 1, [7], [-0.5])
     prompt = [TokenLogprobs(2, -1.0, 2), TokenLogprobs(3, -2.0, 3)]
-    outputs = sched.update(plan, StepResult(plan.step_id, [7], logprobs=[chosen], prompt_logprobs=[prompt]))
+    outputs = sched.update(StepResult(plan.step_id, [7], logprobs=[chosen], prompt_logprobs=[prompt]))
     (_, delta), = outputs
     assert delta.token_ids == [7] and delta.logprobs == [chosen] and delta.prompt_logprobs == prompt

@@ -47,7 +47,7 @@ def test_a_request_added_while_others_run_joins_at_the_next_step():
     h.step()
     h.add(b)
     plan = h.step()
-    assert {n.seq_id for n in plan.new_seqs} == {h.scheduler._requests["b"].seqs[0].seq_id}
+    assert {n.seq_id for n in plan.new_seqs} == {h.scheduler.get_request("b").seqs[0].seq_id}
     assert len(plan.scheduled) == 2  # a's decode and b's prefill in one batch
     h.run()
     expect(h, a)
@@ -170,7 +170,7 @@ def test_abort_while_a_step_is_in_flight_discards_its_token():
     h.worker.apply(plan)
     result = h.worker.run(plan)
     sched.abort(["a"])
-    outputs = sched.update(plan, result)
+    outputs = sched.update(result)
     assert [d.request_id for _, d in outputs] == ["b"]
     sched.check_invariants()
     assert h.step().finished_seq_ids == [0]
@@ -189,7 +189,7 @@ def test_fail_step_finishes_the_planned_requests_with_error():
     h.add(add("a", [1, 2], max_tokens=10, ignore_eos=True))
     h.add(add("b", [3, 4], max_tokens=10, ignore_eos=True))
     plan = h.scheduler.schedule()
-    outputs = h.scheduler.fail_step(plan)
+    outputs = h.scheduler.fail_step(plan.step_id)
     assert [(d.request_id, d.finish_reason) for _, d in outputs] == [("a", "error")]
     assert h.scheduler.stats()["requests_failed"] == 1
     h.worker = type(h.worker)(4)  # the failed worker's state is gone with it
@@ -224,10 +224,10 @@ def test_step_protocol_misuse_is_an_error():
     with pytest.raises(RuntimeError):
         sched.schedule()
     with pytest.raises(ValueError):
-        sched.update(plan, StepResult(plan.step_id + 1, [1]))
+        sched.update(StepResult(plan.step_id + 1, [1]))
     with pytest.raises(ValueError):
-        sched.update(plan, StepResult(plan.step_id, [1, 2]))
-    sched.update(plan, StepResult(plan.step_id, [1]))
+        sched.update(StepResult(plan.step_id, [1, 2]))
+    sched.update(StepResult(plan.step_id, [1]))
 
 
 def test_no_work_gives_an_empty_plan_that_is_not_a_step():

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def hello(rank: int, world_size: int = 2, blocks: int = 100, **changes) -> p.WorkerHello:
     base = p.WorkerHello(rank=rank, world_size=world_size, num_device_blocks=blocks, num_host_blocks=10 + rank,
                          block_size=16, max_model_len=512, vocab_size=1000, eos_token_ids=[2], model="m",
-                         dtype="float32", device="cpu")
+                         dtype="float32", device="cpu", protocol_version=p.PROTOCOL_VERSION)
     return msgspec.structs.replace(base, **changes)
 
 
@@ -95,7 +95,7 @@ def test_every_rank_gets_every_plan_rank_0_answers_and_one_failure_fails_the_gro
     try:
         g.ranks[1].send(p.encode(hello(1, blocks=40)))  # the smaller rank: the pools' size
         assert isinstance(g.recv(g.ranks[1]), p.HelloAck)
-        g.frontend.send(p.encode(p.FrontendHello("fe")))
+        g.frontend.send(p.encode(p.FrontendHello("fe", protocol_version=p.PROTOCOL_VERSION)))
         assert g.recv(g.frontend).ready is False  # one rank of two
         g.ranks[0].send(p.encode(hello(0, blocks=100)))
         assert isinstance(g.recv(g.ranks[0]), p.HelloAck)
@@ -122,6 +122,22 @@ def test_every_rank_gets_every_plan_rank_0_answers_and_one_failure_fails_the_gro
         assert [g.recv(sock, 1000) for sock in g.ranks] == [None, None], "a failed group gets no plans"
         g.frontend.send(p.encode(p.StatsQuery("q")))
         assert g.recv(g.frontend).stats["workers_ready"] == 0
+    finally:
+        code = g.close()
+    assert code == 0
+
+
+def test_peers_of_another_protocol_version_are_refused_by_the_process(tmp_path):
+    g = FakeGroup(str(tmp_path), 1)
+    try:
+        g.ranks[0].send(p.encode(hello(0, world_size=1, protocol_version=1)))
+        refused = g.recv(g.ranks[0])
+        assert isinstance(refused, p.Shutdown) and "protocol version 1" in refused.reason
+        g.frontend.send(p.encode(p.FrontendHello("fe")))  # version 1
+        info = g.recv(g.frontend)
+        assert not info.ready and "protocol version 1" in info.refusal and "version 2" in info.refusal
+        g.frontend.send(p.encode(p.StatsQuery("q")))
+        assert g.recv(g.frontend, 1000) is None, "a refused frontend is not answered"
     finally:
         code = g.close()
     assert code == 0

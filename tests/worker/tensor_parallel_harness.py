@@ -107,8 +107,9 @@ def serve(runner, spec: dict, preemption_mode: str) -> dict:
     from shared.protocol import AddRequest, SamplingParams, StepPlan
 
     config = runner.config.replace(preemption_mode=preemption_mode)
-    scheduler = Scheduler(config, num_device_blocks=runner.kv_cache.num_blocks, block_size=config.worker.block_size,
-                          max_model_len=runner.max_model_len, vocab_size=runner.args.vocab_size,
+    scheduler = Scheduler(config.scheduler, num_device_blocks=runner.kv_cache.num_blocks,
+                          block_size=config.worker.block_size, max_model_len=runner.max_model_len,
+                          vocab_size=runner.args.vocab_size,
                           eos_token_ids=runner.eos_token_ids, num_host_blocks=runner.num_host_blocks)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
     for i, prompt in enumerate(spec["requests"]):
@@ -122,7 +123,7 @@ def serve(runner, spec: dict, preemption_mode: str) -> dict:
         plan = scheduler.schedule()
         if not plan.scheduled:
             continue
-        for _, delta in scheduler.update(plan, runner.execute(plan)):
+        for _, delta in scheduler.update(runner.execute(plan)):
             tokens[delta.request_id] += delta.token_ids
             if delta.finish_reason is not None:
                 finished.add(delta.request_id)

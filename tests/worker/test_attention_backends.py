@@ -17,7 +17,8 @@ from tiny_llama import write_tiny_llama
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before kernels/triton_*.py are imported
 
-from shared.config import ConfigError, ServerConfig, load_config  # noqa: E402
+from shared.config import ServerConfig  # noqa: E402
+from shared.config_file import ConfigError, load_config  # noqa: E402
 from shared.protocol import NewSeq, SamplingParams, ScheduledSeq  # noqa: E402
 from worker.attention import AttentionMetadata, TorchAttentionBackend, get_attention_backend  # noqa: E402
 from worker.attention_triton import TritonAttentionBackend  # noqa: E402
@@ -33,7 +34,7 @@ def test_backend_selection():
     assert isinstance(get_attention_backend("triton", DEVICE), TritonAttentionBackend)
     with pytest.raises(ValueError, match="unknown attention backend"):
         get_attention_backend("flash", "cpu")
-    assert load_config(None, {"attention_backend": "triton"}).attention_backend == "triton"
+    assert load_config(None, {"attention_backend": "triton"}).worker.attention_backend == "triton"
     assert ServerConfig().worker.attention_backend == "auto"
     with pytest.raises(ConfigError, match="attention_backend"):
         load_config(None, {"attention_backend": "flash"})

@@ -20,7 +20,8 @@ from tiny_llama import write_tiny_llama
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before kernels/triton_*.py are imported
 
-from shared.config import ServerConfig, load_config  # noqa: E402
+from shared.config import ServerConfig  # noqa: E402
+from shared.config_file import load_config  # noqa: E402
 from shared.protocol import NewSeq, SamplingParams, ScheduledSeq, StepPlan  # noqa: E402
 from worker.attention import AttentionMetadata  # noqa: E402
 from worker.decode_graphs import DecodeGraphs, capture_sizes, eager_capture  # noqa: E402
@@ -43,7 +44,7 @@ def test_capture_sizes():
 
 def test_enforce_eager_config():
     assert ServerConfig().worker.enforce_eager is False
-    assert load_config(None, {"enforce_eager": "true"}).enforce_eager is True
+    assert load_config(None, {"enforce_eager": "true"}).worker.enforce_eager is True
 
 
 def decode_inputs(slots: list[int], seq_lens: list[int], width: int) -> StepInputs:

@@ -1,0 +1,84 @@
+"""Engine token deltas -> client `Delta`s and `Completion`s.
+
+The scheduler reports tokens by engine request id (frontend/requests.py); this detokenizes
+them, finds stop strings, streams text to clients that asked for a stream, and ends each
+request with one `Completion` (or nothing, if its client went away meanwhile).
+"""
+
+from __future__ import annotations
+
+import time
+
+from frontend.client_socket import ClientSocket
+from frontend.engine_client import EngineClient
+from frontend.requests import FrontendRequest, RequestTable
+from shared import protocol as p
+from shared.logging import get_logger
+
+log = get_logger()
+
+
+class ResponseStreamer:
+    """Answers clients from the scheduler's deltas. Owns `finished`: requests completed since start."""
+
+    def __init__(self, table: RequestTable, clients: ClientSocket, engine: EngineClient) -> None:
+        self._table = table
+        self._clients = clients
+        self._engine = engine
+        self.finished = 0
+
+    async def on_delta(self, delta: p.TokenDelta) -> None:
+        req = self._table.by_engine_id(delta.request_id)
+        if req is None or req.finish[delta.index] is not None:
+            return  # finished by a stop string, or unknown (gone, or a stale engine id)
+        out = req.outputs[delta.index]
+        if req.first_token_at is None and delta.token_ids:
+            req.first_token_at = time.monotonic()
+        out.append(delta.token_ids)
+        if req.logprobs is not None:
+            req.logprobs[delta.index].extend(delta.logprobs)
+        if delta.prompt_logprobs:
+            req.prompt_logprobs = delta.prompt_logprobs
+        finish = "stop" if out.stopped else delta.finish_reason
+        req.num_preemptions = max(req.num_preemptions, delta.num_preemptions)
+        if req.stream:
+            await self._clients.send(req.client, p.Delta(
+                request_id=req.request_id, index=delta.index, text=out.release(finish is not None),
+                token_ids=delta.token_ids, finish_reason=finish,
+                logprobs=delta.logprobs if req.logprobs is not None else None))
+        if finish is not None:
+            req.finish[delta.index] = finish
+            if delta.finish_reason is None:  # a stop string ended this output: free its blocks now
+                await self._engine.finish_outputs([(req.engine_id, delta.index)])
+            if req.done and req in self._table:  # the send above may have found its client gone
+                await self.complete(req, engine_finished=True)
+
+    async def abort(self, req: FrontendRequest) -> None:
+        """End `req` now: its unfinished outputs with finish_reason "abort"; the scheduler frees it."""
+        req.finish_unfinished(p.FinishReason.ABORT.value)
+        await self.complete(req, engine_finished=False)
+
+    async def complete(self, req: FrontendRequest, engine_finished: bool) -> None:
+        """Forget `req` and send its `Completion`. `engine_finished`: the scheduler holds nothing
+        of it any more; otherwise (and unless held, unknown there) it is told to abort it."""
+        if not self._table.forget(req):
+            return  # its client went away while we streamed to it
+        if not engine_finished and not req.held:
+            await self._engine.abort([req.engine_id])  # free its blocks now
+        now = time.monotonic()
+        ttft = (req.first_token_at or now) - req.arrival
+        outputs = [p.CompletionOutput(index=i, text=o.text, token_ids=o.token_ids, finish_reason=req.finish[i],
+                                      logprobs=req.logprobs[i] if req.logprobs is not None else None)
+                   for i, o in enumerate(req.outputs)]
+        prompt_logprobs = None
+        if req.params.prompt_logprobs is not None:
+            prompt_logprobs = [None, *req.prompt_logprobs]
+        completion_tokens = sum(len(o.token_ids) for o in req.outputs)
+        self.finished += 1
+        log.info("request.finished", request_id=req.request_id, prompt_tokens=len(req.prompt_ids),
+                 completion_tokens=completion_tokens, ttft_s=round(ttft, 6), latency_s=round(now - req.arrival, 6),
+                 finish_reason=req.finish[0], num_preemptions=req.num_preemptions)
+        await self._clients.send(req.client, p.Completion(
+            request_id=req.request_id, outputs=outputs, prompt_tokens=len(req.prompt_ids),
+            completion_tokens=completion_tokens, prompt_token_ids=req.prompt_ids, ttft_s=ttft,
+            latency_s=now - req.arrival, num_preemptions=req.num_preemptions, prompt_logprobs=prompt_logprobs))
