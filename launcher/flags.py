@@ -13,7 +13,8 @@ from typing import Any
 
 import msgspec
 
-from shared.config import SECTIONS, ServerConfig, literal_choices
+from shared.config import SECTIONS, ServerConfig
+from shared.config_base import literal_choices
 from shared.config_file import ConfigError, load_config
 
 ALIASES = {"drain_timeout_s": ["--drain-timeout"], "heartbeat_timeout_s": ["--heartbeat-timeout"]}

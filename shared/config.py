@@ -18,10 +18,11 @@ Reading the file and the flags: shared/config_file.py.
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal, get_args, get_origin
+from typing import Annotated, Literal
 
 import msgspec
-from msgspec import Meta
+
+from shared.config_base import _help, _Section, is_host_port
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
@@ -29,33 +30,6 @@ CpuLinear = Literal["auto", "onednn", "torch"]
 LoadFormat = Literal["auto", "dummy"]
 PreemptionMode = Literal["recompute", "swap"]
 LogLevel = Literal["debug", "info", "warning", "error"]
-
-
-def _help(text: str, metavar: str | None = None) -> Meta:
-    return Meta(description=text, extra={"metavar": metavar} if metavar else {})
-
-
-class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad setting."""
-
-    def check_choices(self) -> None:
-        """A `Literal` field holds one of its values (the TOML decoder checks this itself; a
-        config built in code, `ServerConfig.from_settings`, is checked here)."""
-        for f in msgspec.structs.fields(self):
-            choices = literal_choices(f.type)
-            value = getattr(self, f.name)
-            if choices and value not in choices:
-                names = [str(c) for c in choices]
-                listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
-                raise ValueError(f"{f.name} must be {listed}, got {value!r}")
-
-
-def literal_choices(annotation) -> tuple:
-    """The values of a `Literal[...]` (inside `Annotated` or not); () for other types."""
-    if get_origin(annotation) is Annotated:
-        annotation = get_args(annotation)[0]
-    return get_args(annotation) if get_origin(annotation) is Literal else ()
 
 
 class ModelConfig(_Section):
@@ -67,6 +41,8 @@ class ModelConfig(_Section):
                                                "TOKENS")] = None
     seed: Annotated[int, _help("seed for requests that give none (each request still samples differently)",
                                "N")] = 0
+    served_model_name: Annotated[str, _help("the model's name in the HTTP API (default: the model's own name)",
+                                            "NAME")] = ""
 
     def validate(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -187,12 +163,26 @@ class FrontendConfig(_Section):
                                                 "(pagedserve keygen); needs --curve-clients-dir", "FILE")] = ""
     curve_clients_dir: Annotated[str, _help("CURVE: directory of the public .key files of the clients allowed "
                                             "to connect", "DIR")] = ""
+    http_listen: Annotated[str, _help("serve the OpenAI-compatible HTTP API here (off when empty; docs/http.md)",
+                                      "HOST:PORT")] = ""
+    api_key_file: Annotated[str, _help("HTTP: a file of bearer API keys, one per line; without it a non-loopback "
+                                       "--http-listen is refused unless --allow-unauthenticated-http", "FILE")] = ""
+    allow_unauthenticated_http: Annotated[bool, _help("HTTP: serve a non-loopback address without API keys",
+                                                      "BOOL")] = False
+    metrics_listen: Annotated[str, _help("serve Prometheus /metrics here even when HTTP is off (docs/metrics.md)",
+                                         "HOST:PORT")] = ""
+    otlp_traces_endpoint: Annotated[str, _help("send an OpenTelemetry span per request to this OTLP endpoint "
+                                               "(needs the opentelemetry packages; off when empty)", "URL")] = ""
 
     def validate(self) -> None:
         if self.max_client_requests < 1:
             raise ValueError(f"max_client_requests must be >= 1, got {self.max_client_requests}")
         if bool(self.curve_secret_key_file) != bool(self.curve_clients_dir):
             raise ValueError("curve_secret_key_file and curve_clients_dir go together: set both or neither")
+        for name in ("http_listen", "metrics_listen"):
+            value = getattr(self, name)
+            if value and not is_host_port(value):
+                raise ValueError(f"{name} must be HOST:PORT, e.g. 127.0.0.1:8000, got {value!r}")
 
 
 class ParallelConfig(_Section):

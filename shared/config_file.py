@@ -13,7 +13,8 @@ from typing import Any
 
 import msgspec
 
-from shared.config import FIELD_SECTIONS, SECTIONS, ServerConfig, literal_choices
+from shared.config import FIELD_SECTIONS, SECTIONS, ServerConfig
+from shared.config_base import literal_choices
 
 
 class ConfigError(ValueError):
