@@ -65,5 +65,10 @@ async def run_requests(address: str, requests: list[BenchRequest], *, rate: floa
             await poller
         after = await client.stats()
     figures = {key: after.get(key, 0) - before.get(key, 0) for key in ("preemptions", "prefix_cache_hit_tokens")}
+    # The poll above samples every STATS_POLL_S and can miss a short run's peak; the scheduler's
+    # own high-water mark cannot, when it rose during this run.
+    total = max(1, after.get("kv_blocks_total", 1))
+    if after.get("kv_blocks_used_peak", 0) > before.get("kv_blocks_used_peak", 0):
+        peaks["kv_usage_peak"] = max(peaks.get("kv_usage_peak", 0.0), after["kv_blocks_used_peak"] / total)
     figures.update({k: round(v, 4) for k, v in peaks.items()})
     return records, duration, figures

@@ -51,9 +51,10 @@ class EngineClient:
             await asyncio.sleep(PING_S)
 
     async def add(self, request_id: str, prompt_ids: list[int], params: p.SamplingParams,
-                  arrival: float, priority: int) -> None:
+                  arrival: float, priority: int, trace_id: str = "") -> None:
+        """`trace_id`: the request's W3C trace id ("" for none), for the scheduler's events."""
         await self.send(p.AddRequest(request_id=request_id, prompt_token_ids=prompt_ids, params=params,
-                                     arrival_time=arrival, priority=priority))
+                                     arrival_time=arrival, priority=priority, trace_id=trace_id))
 
     async def abort(self, request_ids: list[str]) -> None:
         if request_ids:

@@ -7,11 +7,16 @@ on the event loop, so a blocked loop stops the pings.
 Stopping: on SIGTERM (or SIGINT) new requests are refused with `shutting_down`
 and those in flight get drain_timeout_s to finish; then, or on a second signal,
 what is left ends with finish_reason "abort". Exit 0.
+
+HTTP (--http-listen, docs/http.md): settings that must stop the listener (a non-loopback
+address without API keys, an unreadable key file) stop the frontend first thing, before the
+tokenizer loads: one line on stderr, exit 2, as the launcher does for a missing model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from shared.config import ServerConfig
 from shared.drain import Drain
@@ -31,13 +36,24 @@ def run_frontend(config: ServerConfig) -> int:
     from frontend.server import FrontendServer
     from frontend.tokenizer import Tokenizer
 
+    http_keys = _http_keys_or_exit(config) if config.frontend.http_listen else None
     files = resolve_model(config.model.model)
     tokenizer = Tokenizer(files)
     log.info("frontend.tokenizer_loaded", model=files.name, vocab=len(tokenizer))
     signalled = asyncio.Event()  # set from the signal handler (on the loop), so the waits below wake at once
     drain = Drain(config.operations.drain_timeout_s, on_signal=signalled.set)
-    server = FrontendServer(config, tokenizer, files.name, drain)
+    server = FrontendServer(config, tokenizer, files.name, drain, http_keys=http_keys)
     return uvloop.run(_serve_until_stopped(server, drain, signalled, Notifier()))
+
+
+def _http_keys_or_exit(config: ServerConfig):
+    from frontend.http.auth import HttpConfigError, keys_for
+
+    try:
+        return keys_for(config.frontend)
+    except HttpConfigError as e:
+        print(f"pagedserve frontend: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 async def _serve_until_stopped(server, drain: Drain, signalled: asyncio.Event, notifier: Notifier) -> int:

@@ -13,6 +13,11 @@ The parts, each owning its state:
   Resubmitter  (frontend/resubmit.py)      the scheduler's identity; holding and resubmitting
   Intake       (frontend/intake.py)        Generate -> validated, tokenized request
   ResponseStreamer (frontend/streams.py)   token deltas -> Deltas and Completions
+  ReplyRouter  (frontend/http/replies.py)  replies to a ZeroMQ client, or to an HTTP request's queue
+  HttpListener (frontend/http/)            the OpenAI-compatible HTTP API, when --http-listen is set
+
+An HTTP request is submitted exactly as a ZeroMQ `Generate` is (`submit`), under a client
+identity of its own; replies reach it through the ReplyRouter.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import zmq.asyncio
 from frontend.client_socket import ClientSocket, request_id_of
 from frontend.engine_client import EngineClient
 from frontend.engine_status import EngineStatus
+from frontend.http.replies import ReplyRouter, is_http_client
 from frontend.intake import Intake
 from frontend.requests import RequestTable
 from frontend.resubmit import Resubmitter
@@ -45,7 +51,10 @@ class FrontendServer:
     the `rejected` count (requests the scheduler rejected). `drain` is read, never driven: the
     process's main (frontend/main.py) drives it."""
 
-    def __init__(self, config: ServerConfig, tokenizer: Tokenizer, model_name: str, drain: Drain) -> None:
+    def __init__(self, config: ServerConfig, tokenizer: Tokenizer, model_name: str, drain: Drain, *,
+                 http_keys=None) -> None:
+        """`http_keys`: the HTTP API's keys (frontend/http/auth.py `keys_for`, checked before the
+        tokenizer loads); read from the config when None."""
         self.config = config
         self.model_name = model_name
         self.drain = drain
@@ -57,7 +66,9 @@ class FrontendServer:
         self.status = EngineStatus(config.endpoints.listen)
         self.resubmitter = Resubmitter(self.engine, self.table)
         self.intake = Intake(config, tokenizer, self.table, self.status, drain)
-        self.streamer = ResponseStreamer(self.table, self.clients, self.engine)
+        self.replies = ReplyRouter(self.clients)
+        self.streamer = ResponseStreamer(self.table, self.replies, self.engine)
+        self.http = self._http_listener(tokenizer, http_keys) if config.frontend.http_listen else None
         self._decoder = p.decoder_for(p.ClientMessage)
         self.rejected = 0
 
@@ -67,14 +78,21 @@ class FrontendServer:
         self.clients.listen(listen, self.config.frontend)
         log.info("frontend.listening", listen=listen, scheduler=self.config.endpoints.scheduler_addr_for_frontends(),
                  curve=self.clients.curve)
+        if self.http is not None:
+            self.http.bind()
         tasks = [asyncio.create_task(self.engine.run()), asyncio.create_task(self.engine.ping_loop()),
                  asyncio.create_task(self._client_loop()),
-                 asyncio.create_task(self.clients.keepalive_loop(self.table.clients))]
+                 asyncio.create_task(self.clients.keepalive_loop(
+                     lambda: ReplyRouter.socket_clients(self.table.clients())))]
+        if self.http is not None:
+            tasks.append(asyncio.create_task(self.http.serve()))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
                 t.result()
         finally:
+            if self.http is not None:  # let the last HTTP responses (a drain's) be written
+                await self.http.stop()
             for t in tasks:
                 t.cancel()
 
@@ -87,6 +105,10 @@ class FrontendServer:
                                                    "malformed request: one frame per message")
                 continue
             client, frame = frames
+            if is_http_client(client):  # a peer that chose an HTTP identity: it could read their replies
+                await self.clients.reply_error(client, request_id_of(frame), ErrorCode.INVALID_REQUEST,
+                                               "this routing id is reserved: let ZeroMQ choose yours")
+                continue
             try:
                 msg = self._decoder.decode(frame)
             except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec raises the latter on bad UTF-8
@@ -103,14 +125,9 @@ class FrontendServer:
 
     async def _dispatch(self, client: bytes, msg: p.ClientMessage) -> None:
         if isinstance(msg, p.Generate):
-            await self._generate(client, msg)
+            await self.submit(client, msg)
         elif isinstance(msg, p.Abort):
-            req = self.table.get(msg.request_id)
-            if req is not None and req.client == client:
-                if req.held:  # the scheduler has nothing to abort: finish it here
-                    await self.streamer.abort(req)
-                else:  # its abort deltas complete it
-                    await self.engine.abort([req.engine_id])
+            await self.abort_request(client, msg.request_id)
         elif isinstance(msg, p.HealthCheck):
             info = self.status.latest or p.EngineInfo(ready=False)
             await self.clients.send(client, p.HealthReply(
@@ -119,7 +136,8 @@ class FrontendServer:
         elif isinstance(msg, p.GetStats):
             await self.clients.send(client, p.StatsReply(request_id=msg.request_id, stats=await self._stats()))
 
-    async def _generate(self, client: bytes, msg: p.Generate) -> None:
+    async def submit(self, client: bytes, msg: p.Generate) -> None:
+        """Admit `msg` (raises `Rejected`) and send it to the scheduler, or hold it for one."""
         req = self.intake.admit(client, msg)
         self.table.add(req)
         if self.status.ready:
@@ -141,12 +159,23 @@ class FrontendServer:
                 return
             self.table.forget(req)
             self.rejected += 1
-            await self.clients.reply_error(req.client, req.request_id, msg.code, msg.message)
+            await self.replies.reply_error(req.client, req.request_id, msg.code, msg.message)
         elif isinstance(msg, p.EngineInfo):
             self.resubmitter.notice(msg)
             self.status.update(msg)
             if self.status.ready:
                 await self.resubmitter.resubmit_held()
+
+    async def abort_request(self, client: bytes, request_id: str) -> None:
+        """`client` gives up `request_id` (an `Abort`, or an HTTP client gone): it ends with
+        finish_reason "abort" and the scheduler frees its blocks. A request of another client,
+        or one already finished, is left alone."""
+        req = self.table.get(request_id)
+        if req is not None and req.client == client:
+            if req.held:  # the scheduler has nothing to abort: finish it here
+                await self.streamer.abort(req)
+            else:  # its abort deltas complete it
+                await self.engine.abort([req.engine_id])
 
     async def _client_gone(self, client: bytes, cause: str) -> None:
         """`client` can no longer be reached (frontend/client_socket.py): drop its requests."""
@@ -155,6 +184,20 @@ class FrontendServer:
             self.table.forget(req)
         log.warning("frontend.client_gone", request_ids=[r.request_id for r in gone], cause=cause)
         await self.engine.abort([r.engine_id for r in gone if not r.held])
+
+    def _http_listener(self, tokenizer: Tokenizer, keys):
+        """The HTTP API's listener. Its /metrics renders `render_metrics` (the frontend's
+        `FrontendMetrics.render`, frontend/metrics.py, once this server holds one)."""
+        # Imported here: uvicorn and starlette load only when HTTP is on.
+        from frontend.http.auth import keys_for
+        from frontend.http.setup import make_listener
+
+        return make_listener(self.config, keys=keys if keys is not None else keys_for(self.config.frontend),
+                             replies=self.replies, submit=self.submit, abort=self.abort_request,
+                             status=self.status, drain=self.drain, engine_stats=self.engine.stats,
+                             model_name=self.model_name,
+                             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+                             render_metrics=None)
 
     # -- drain ----------------------------------------------------------------
     async def abort_in_flight(self) -> list[str]:

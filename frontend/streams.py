@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 
-from frontend.client_socket import ClientSocket
 from frontend.engine_client import EngineClient
+from frontend.http.replies import ReplyRouter
+from frontend.metrics_trace import trace_fields
 from frontend.requests import FrontendRequest, RequestTable
 from shared import protocol as p
 from shared.logging import get_logger
@@ -18,22 +19,35 @@ from shared.logging import get_logger
 log = get_logger()
 
 
+class _NoObserver:
+    """`ResponseStreamer`'s observer when none is given (the real one: frontend/metrics.py)."""
+
+    def on_first_token(self, req: FrontendRequest, delta: p.TokenDelta) -> None: ...
+    def on_tokens(self, req: FrontendRequest, index: int, num_tokens: int, now: float) -> None: ...
+    def on_finished(self, req: FrontendRequest, completion_tokens: int, now: float) -> None: ...
+
+
 class ResponseStreamer:
     """Answers clients from the scheduler's deltas. Owns `finished`: requests completed since start."""
 
-    def __init__(self, table: RequestTable, clients: ClientSocket, engine: EngineClient) -> None:
+    def __init__(self, table: RequestTable, clients: ReplyRouter, engine: EngineClient, observer=None) -> None:
         self._table = table
         self._clients = clients
         self._engine = engine
         self.finished = 0
+        self.observer = observer or _NoObserver()  # metrics: FrontendMetrics (frontend/metrics.py)
 
     async def on_delta(self, delta: p.TokenDelta) -> None:
         req = self._table.by_engine_id(delta.request_id)
         if req is None or req.finish[delta.index] is not None:
             return  # finished by a stop string, or unknown (gone, or a stale engine id)
         out = req.outputs[delta.index]
-        if req.first_token_at is None and delta.token_ids:
-            req.first_token_at = time.monotonic()
+        if delta.token_ids:
+            now = time.monotonic()
+            if req.first_token_at is None:
+                req.first_token_at = now
+                self.observer.on_first_token(req, delta)
+            self.observer.on_tokens(req, delta.index, len(delta.token_ids), now)
         out.append(delta.token_ids)
         if req.logprobs is not None:
             req.logprobs[delta.index].extend(delta.logprobs)
@@ -77,7 +91,8 @@ class ResponseStreamer:
         self.finished += 1
         log.info("request.finished", request_id=req.request_id, prompt_tokens=len(req.prompt_ids),
                  completion_tokens=completion_tokens, ttft_s=round(ttft, 6), latency_s=round(now - req.arrival, 6),
-                 finish_reason=req.finish[0], num_preemptions=req.num_preemptions)
+                 finish_reason=req.finish[0], num_preemptions=req.num_preemptions, **trace_fields(req))
+        self.observer.on_finished(req, completion_tokens, now)
         await self._clients.send(req.client, p.Completion(
             request_id=req.request_id, outputs=outputs, prompt_tokens=len(req.prompt_ids),
             completion_tokens=completion_tokens, prompt_token_ids=req.prompt_ids, ttft_s=ttft,

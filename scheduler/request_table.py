@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 from scheduler.admission import check_admission
@@ -32,7 +33,8 @@ class RequestTable:
     `release(seq)`: tells the worker to drop `seq` (scheduler/step_planner.py)."""
 
     def __init__(self, policy: BatchPolicy, block_manager: BlockManager, *, release: Callable[[Sequence], None],
-                 limits: Limits, eos_token_ids: Iterable[int], max_waiting: int) -> None:
+                 limits: Limits, eos_token_ids: Iterable[int], max_waiting: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy
         self.block_manager = block_manager
         self.release = release
@@ -43,6 +45,7 @@ class RequestTable:
         self._seqs: dict[int, Sequence] = {}
         self._next_seq_id = 0  # in arrival order: it breaks ties in policy order
         self.counters = dict.fromkeys(REQUEST_COUNTERS, 0)
+        self._clock = clock  # stamps Request.received_at
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -67,12 +70,14 @@ class RequestTable:
                                          num_waiting=len(self.policy.waiting), max_waiting=self.max_waiting)
         except Rejected as r:
             self.counters["requests_rejected"] += 1
-            log.info("request.rejected", request_id=msg.request_id, code=r.code.value, reason=r.message)
+            log.info("request.rejected", request_id=msg.request_id, code=r.code.value, reason=r.message,
+                     **({"trace_id": msg.trace_id} if msg.trace_id else {}))
             return RequestRejected(msg.request_id, r.code.value, r.message)
         params = msg.params
         request = Request(request_id=msg.request_id, prompt_token_ids=msg.prompt_token_ids, params=params,
                           arrival_time=msg.arrival_time, priority=msg.priority, frontend=frontend,
-                          max_tokens=max_tokens, stop_token_ids=frozenset(stop_token_ids(params, self.eos_token_ids)))
+                          max_tokens=max_tokens, stop_token_ids=frozenset(stop_token_ids(params, self.eos_token_ids)),
+                          trace_id=msg.trace_id, received_at=self._clock())
         resumed, done = msg.output_token_ids, set(msg.finished_outputs)
         for index in range(params.n):
             generated = resumed[index] if index < len(resumed) else []

@@ -9,7 +9,8 @@ worker fails it), before the next `schedule()`. `add_request`, `abort` and
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from scheduler.block_manager import BlockManager
 from scheduler.invariants import check_scheduler_invariants
@@ -52,7 +53,8 @@ class Scheduler:
     """
 
     def __init__(self, config: SchedulerConfig, *, num_device_blocks: int, block_size: int, max_model_len: int,
-                 vocab_size: int, eos_token_ids: list[int], num_host_blocks: int = 0) -> None:
+                 vocab_size: int, eos_token_ids: list[int], num_host_blocks: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         # What any one sequence may use, as admission and the frontend check it (EngineInfo tells the frontend).
         self.limits = Limits(max_model_len, vocab_size, num_device_blocks, block_size,
                              config.resolved_max_num_batched_tokens(max_model_len), config.enable_chunked_prefill)
@@ -64,8 +66,11 @@ class Scheduler:
                                   preemption_mode=config.preemption_mode, on_preempt=self._on_preempt)
         self._planner = StepPlanner()
         self._requests = RequestTable(self.policy, self.block_manager, release=self._planner.release,
-                                      limits=self.limits, eos_token_ids=eos_token_ids, max_waiting=config.max_waiting)
+                                      limits=self.limits, eos_token_ids=eos_token_ids, max_waiting=config.max_waiting,
+                                      clock=clock)
         self._counters = dict.fromkeys(_STEP_COUNTERS, 0)
+        self._kv_blocks_used_peak = 0  # the most device blocks in use after any schedule(), since start
+        self._clock = clock  # per-request timings only (Request.received_at ...): the first token's delta reports them
 
     # -- requests ------------------------------------------------------------
 
@@ -113,7 +118,16 @@ class Scheduler:
         if self.in_flight is not None:
             raise RuntimeError(f"step {self.in_flight.step_id} is in flight: update() it before scheduling again")
         # Preemptions reach the planner's drops through _on_preempt.
-        return self._planner.plan(self.policy.schedule_next_batch())
+        batch = self.policy.schedule_next_batch()
+        now = None
+        for seq, _, _ in batch.scheduled:
+            if seq.request.first_scheduled_at is None:
+                if now is None:
+                    now = self._clock()
+                seq.request.first_scheduled_at = now
+        # Blocks are taken only here, so a high-water mark per step is exact.
+        self._kv_blocks_used_peak = max(self._kv_blocks_used_peak, self.block_manager.num_used_blocks)
+        return self._planner.plan(batch)
 
     def update(self, result: StepResult) -> Outputs:
         """Apply the worker's sampled tokens for the step in flight; returns (frontend
@@ -150,6 +164,8 @@ class Scheduler:
             if seq.crashes:
                 self.policy.isolation.clear(seq)
             delta = TokenDelta(seq.request_id, seq.output_index, [token])
+            if seq.request.first_token_at is None:
+                self._time_first_token(seq.request, delta)
             _attach_logprobs(delta, result, i)
             reason = self._finish_reason(seq, token)
             if reason is not None:
@@ -202,6 +218,13 @@ class Scheduler:
             return _LENGTH
         return None
 
+    def _time_first_token(self, request: Request, delta: TokenDelta) -> None:
+        """`delta` carries `request`'s first token: it reports the queue and prefill times."""
+        request.first_token_at = now = self._clock()
+        scheduled = request.first_scheduled_at if request.first_scheduled_at is not None else now
+        delta.queue_time_s = round(max(0.0, scheduled - request.received_at), 6)
+        delta.prefill_time_s = round(max(0.0, now - scheduled), 6)
+
     def _on_preempt(self, seq: Sequence, cause: str, mode: str) -> None:
         """Called by the policy before the victim's blocks are freed or swapped."""
         self._counters["preemptions"] += 1
@@ -210,7 +233,8 @@ class Scheduler:
         log.info("request.preempted", request_id=seq.request_id, seq_id=seq.seq_id, mode=mode, cause=cause,
                  tokens_to_recompute=seq.num_tokens if mode == "recompute" else 0,
                  kv_blocks_used=bm.num_used_blocks, kv_blocks_total=bm.num_blocks,
-                 host_blocks_used=bm.num_used_host_blocks, host_blocks_total=bm.num_host_blocks)
+                 host_blocks_used=bm.num_used_host_blocks, host_blocks_total=bm.num_host_blocks,
+                 **seq.request.log_fields())
         self._planner.release(seq)
 
     # -- introspection -------------------------------------------------------
@@ -235,6 +259,7 @@ class Scheduler:
             "requests_in_flight": len(self._requests),
             **{name: totals[name] for name in _COUNTERS},
             "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_used_peak": self._kv_blocks_used_peak,
             "kv_blocks_total": bm.num_blocks,
             "kv_blocks_cached": bm.num_cached_blocks,
             "kv_blocks_allocated": bm.blocks_allocated,

@@ -35,6 +35,16 @@ class Request:
     max_tokens: int  # generated tokens at most, per sequence
     stop_token_ids: frozenset[int]  # EOS (unless ignore_eos) and params.stop_token_ids
     seqs: list[Sequence] = field(default_factory=list)
+    trace_id: str = ""  # from the client's traceparent: logged with each of its events ("" = none)
+    # The scheduler's clock (`Scheduler`'s, monotonic seconds): receipt, first step scheduling
+    # any of its sequences, first token sampled by any. They give TokenDelta.queue_time_s/prefill_time_s.
+    received_at: float = 0.0
+    first_scheduled_at: float | None = None
+    first_token_at: float | None = None
+
+    def log_fields(self) -> dict[str, str]:
+        """`trace_id` for its events, when it has one (docs/events.md: `trace_id?`)."""
+        return {"trace_id": self.trace_id} if self.trace_id else {}
 
     @property
     def prompt_len(self) -> int:

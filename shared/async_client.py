@@ -138,25 +138,28 @@ class AsyncClient(ClientBase):
     # -- API ----------------------------------------------------------------
     async def generate(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None, *,
                        prompt_token_ids: list[int] | None = None, request_id: str | None = None,
-                       priority: int = 0, timeout: float | None = None) -> Completion:
-        msg = generate_msg(prompt, params, prompt_token_ids, None, False, request_id, priority)
+                       priority: int = 0, timeout: float | None = None,
+                       traceparent: str | None = None) -> Completion:
+        msg = generate_msg(prompt, params, prompt_token_ids, None, False, request_id, priority, traceparent)
         return await self._complete(msg, timeout or self.timeout)
 
     async def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None, *,
-                   request_id: str | None = None, priority: int = 0, timeout: float | None = None) -> Completion:
-        msg = generate_msg(None, params, None, messages, False, request_id, priority)
+                   request_id: str | None = None, priority: int = 0, timeout: float | None = None,
+                   traceparent: str | None = None) -> Completion:
+        msg = generate_msg(None, params, None, messages, False, request_id, priority, traceparent)
         return await self._complete(msg, timeout or self.timeout)
 
     def stream(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None, *,
                prompt_token_ids: list[int] | None = None, request_id: str | None = None,
-               priority: int = 0, timeout: float | None = None) -> AsyncStream:
-        msg = generate_msg(prompt, params, prompt_token_ids, None, True, request_id, priority)
+               priority: int = 0, timeout: float | None = None,
+               traceparent: str | None = None) -> AsyncStream:
+        msg = generate_msg(prompt, params, prompt_token_ids, None, True, request_id, priority, traceparent)
         return AsyncStream(self, msg, timeout or self.timeout)
 
     def stream_chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None, *,
                     request_id: str | None = None, priority: int = 0,
-                    timeout: float | None = None) -> AsyncStream:
-        msg = generate_msg(None, params, None, messages, True, request_id, priority)
+                    timeout: float | None = None, traceparent: str | None = None) -> AsyncStream:
+        msg = generate_msg(None, params, None, messages, True, request_id, priority, traceparent)
         return AsyncStream(self, msg, timeout or self.timeout)
 
     async def abort(self, request_id: str) -> None:

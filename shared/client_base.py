@@ -50,13 +50,18 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def generate_msg(prompt, params, prompt_token_ids, messages, stream, request_id, priority) -> p.Generate:
+def generate_msg(prompt, params, prompt_token_ids, messages, stream, request_id, priority,
+                 traceparent: str | None = None) -> p.Generate:
+    """`traceparent`: a W3C trace context header ("00-<trace id>-<parent id>-<flags>") to join the
+    caller's trace: its trace id goes on the request's events (and its span, with tracing on). The
+    server checks it; a malformed one is ignored with a warning in its log, never an error."""
     if isinstance(prompt, list) and prompt_token_ids is None and all(isinstance(t, int) for t in prompt):
         prompt, prompt_token_ids = None, prompt
     chat = [m if isinstance(m, ChatMessage) else ChatMessage(role=m["role"], content=m["content"])
             for m in messages] if messages is not None else None
     return p.Generate(request_id=request_id or new_request_id(), params=params or SamplingParams(), prompt=prompt,
-                      messages=chat, prompt_token_ids=prompt_token_ids, stream=stream, priority=priority)
+                      messages=chat, prompt_token_ids=prompt_token_ids, stream=stream, priority=priority,
+                      traceparent=traceparent or None)
 
 
 def raise_if_error(msg: p.ServerMessage) -> None:

@@ -187,6 +187,10 @@ class Generate(_ClientStruct, tag="generate"):
     prompt_token_ids: TokenIds | None = None
     stream: bool = False
     priority: int = 0  # lower runs first
+    # A W3C trace context header, "00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>": the trace id
+    # goes on every event of this request (docs/metrics.md). Not bounded or checked here: a malformed
+    # one is ignored with a warning by the frontend (frontend/metrics_trace.py), never an error.
+    traceparent: str | None = None
 
 
 class Abort(_ClientStruct, tag="abort"):
@@ -313,6 +317,7 @@ class AddRequest(_Internal, tag="add"):
     priority: int = 0
     output_token_ids: list[list[int]] = field(default_factory=list)
     finished_outputs: list[int] = field(default_factory=list)
+    trace_id: str = ""  # 32 hex digits from the client's traceparent (checked by the frontend), or ""
 
 
 class AbortRequests(_Internal, tag="abort"):
@@ -370,6 +375,11 @@ class TokenDelta(_Internal, tag="td"):
     num_preemptions: int = 0  # set on the finishing delta
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token id, if requested
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.., on the first delta
+    # On the delta with the request's first generated token (any output), by the scheduler's clock:
+    # queue_time_s from its receipt of the request to its first scheduling, prefill_time_s from
+    # then to that first token. None on every other delta.
+    queue_time_s: float | None = None
+    prefill_time_s: float | None = None
 
 
 class EngineOutputs(_Internal, tag="outputs"):

@@ -73,7 +73,7 @@ def test_a_size_that_does_not_divide_the_heads_is_refused_clearly(heads, kv_head
 @pytest.fixture(scope="module")
 def small_llama(tmp_path_factory):
     """A random-weight Llama with 8 query and 4 KV heads, saved as a Hugging Face directory."""
-    from test_model_vs_transformers import randomize
+    from test_random_checkpoints import randomize
 
     path = tmp_path_factory.mktemp("small_llama")
     torch.manual_seed(0)
