@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -201,3 +203,10 @@ def test_the_router_sends_http_replies_to_their_queue_and_drops_those_of_closed_
         assert queue.empty() and sockets.sent == [b"zmq"]
         assert ReplyRouter.socket_clients([client, b"zmq"]) == [b"zmq"]
     asyncio.run(main())
+
+
+def test_a_non_loopback_listener_without_keys_stops_the_frontend_before_it_loads_anything(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "launcher", "frontend", "--http-listen", "0.0.0.0:8001",
+                          "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         check=False)
+    assert out.returncode == 2 and "--api-key-file" in out.stderr and "--allow-unauthenticated-http" in out.stderr

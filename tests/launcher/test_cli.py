@@ -73,3 +73,12 @@ def test_help_lists_every_subcommand_and_what_each_flag_takes():
 def test_an_enum_error_lists_the_valid_values():
     proc = pagedserve("serve", "--dtype", "float8")
     assert proc.returncode == 2 and "float8" in proc.stderr and "'float32', 'bfloat16', 'float16'" in proc.stderr
+
+
+def test_stats_table_shows_each_key_once():
+    from launcher.stats_cmd import format_table
+
+    table = format_table({"status": "ok", "workers_ready": 1, "workers_expected": 1},
+                         {"workers_ready": 1, "running": 0, "kv_blocks_used": 3, "kv_blocks_total": 12})
+    keys = [line.split()[0] for line in table.splitlines()]
+    assert keys.count("workers_ready") == 1 and "kv_blocks" in keys and "running" in keys
