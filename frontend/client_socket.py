@@ -99,10 +99,12 @@ class ClientSocket:
                 raise
             await self._on_gone(client, "unreachable")
 
-    async def reply_error(self, client: bytes, request_id: str, code: ErrorCode | str, message: str) -> None:
+    async def reply_error(self, client: bytes, request_id: str, code: ErrorCode | str, message: str,
+                          trace_id: str = "") -> None:
         """The one way a client learns its request failed (logged as `request.error`)."""
         code = code.value if isinstance(code, ErrorCode) else code
-        log.warning("request.error", request_id=request_id, code=code, error=message)
+        log.warning("request.error", request_id=request_id, code=code, error=message,
+                    **({"trace_id": trace_id} if trace_id else {}))
         await self.send(client, p.ErrorReply(request_id=request_id, code=code, message=message))
 
     async def keepalive_loop(self, clients_in_flight: Callable[[], list[bytes]]) -> None:

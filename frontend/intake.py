@@ -13,6 +13,7 @@ import time
 
 from frontend.detokenizer import OutputText
 from frontend.engine_status import EngineStatus
+from frontend.metrics_trace import checked_traceparent
 from frontend.requests import FrontendRequest, RequestTable
 from frontend.tokenizer import Tokenizer, UnknownRole
 from shared import protocol as p
@@ -46,7 +47,8 @@ class Intake:
         return FrontendRequest(request_id=msg.request_id, client=client, stream=msg.stream, prompt_ids=prompt_ids,
                                params=params, outputs=outputs, arrival=time.monotonic(), finish=[None] * params.n,
                                logprobs=[[] for _ in outputs] if params.logprobs is not None else None,
-                               engine_id=msg.request_id, priority=msg.priority, arrival_wall=time.time())
+                               engine_id=msg.request_id, priority=msg.priority, arrival_wall=time.time(),
+                               traceparent=checked_traceparent(msg.traceparent, msg.request_id))
 
     def _check_taking_requests(self, client: bytes, msg: p.Generate) -> None:
         if self._drain.draining:

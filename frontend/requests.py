@@ -41,6 +41,7 @@ class FrontendRequest:
     arrival_wall: float = 0.0
     held: bool = False
     attempt: int = 0
+    traceparent: str = ""  # the client's W3C traceparent, checked (frontend/metrics_trace.py); "" = none
 
     @property
     def done(self) -> bool:

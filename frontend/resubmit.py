@@ -27,6 +27,7 @@ request instead of failing it.
 from __future__ import annotations
 
 from frontend.engine_client import EngineClient
+from frontend.metrics_trace import trace_id_of
 from frontend.requests import FrontendRequest, RequestTable
 from shared import protocol as p
 from shared.logging import get_logger
@@ -92,7 +93,8 @@ class Resubmitter:
                 request_id=req.engine_id, prompt_token_ids=req.prompt_ids, params=req.params,
                 arrival_time=req.arrival_wall, priority=req.priority,
                 output_token_ids=tokens if any(tokens) else [],
-                finished_outputs=[i for i, f in enumerate(req.finish) if f is not None]))
+                finished_outputs=[i for i, f in enumerate(req.finish) if f is not None],
+                trace_id=trace_id_of(req.traceparent)))
         log.info("frontend.resubmitted", scheduler_id=self.scheduler_id,
                  request_ids=[req.request_id for req in held],
                  tokens_kept=sum(len(out.token_ids) for req in held for out in req.outputs))

@@ -32,6 +32,8 @@ from frontend.engine_client import EngineClient
 from frontend.engine_status import EngineStatus
 from frontend.http.replies import ReplyRouter, is_http_client
 from frontend.intake import Intake
+from frontend.metrics_endpoint import frontend_metrics, serve_metrics
+from frontend.metrics_trace import message_trace_id, trace_id_of
 from frontend.requests import RequestTable
 from frontend.resubmit import Resubmitter
 from frontend.streams import ResponseStreamer
@@ -67,7 +69,8 @@ class FrontendServer:
         self.resubmitter = Resubmitter(self.engine, self.table)
         self.intake = Intake(config, tokenizer, self.table, self.status, drain)
         self.replies = ReplyRouter(self.clients)
-        self.streamer = ResponseStreamer(self.table, self.replies, self.engine)
+        self.metrics = frontend_metrics(config, model_name, self.engine, self.status)
+        self.streamer = ResponseStreamer(self.table, self.replies, self.engine, observer=self.metrics)
         self.http = self._http_listener(tokenizer, http_keys) if config.frontend.http_listen else None
         self._decoder = p.decoder_for(p.ClientMessage)
         self.rejected = 0
@@ -86,6 +89,8 @@ class FrontendServer:
                      lambda: ReplyRouter.socket_clients(self.table.clients())))]
         if self.http is not None:
             tasks.append(asyncio.create_task(self.http.serve()))
+        if self.config.frontend.metrics_listen:
+            tasks.append(asyncio.create_task(serve_metrics(self.metrics, self.config.frontend.metrics_listen)))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
@@ -118,7 +123,7 @@ class FrontendServer:
             try:
                 await self._dispatch(client, msg)
             except Rejected as e:
-                await self.clients.reply_error(client, msg.request_id, e.code, e.message)
+                await self.clients.reply_error(client, msg.request_id, e.code, e.message, message_trace_id(msg))
             except Exception as e:  # a bug must not take the frontend down for everyone
                 log.exception("frontend.internal_error", request_id=msg.request_id)
                 await self.clients.reply_error(client, msg.request_id, ErrorCode.INTERNAL, f"internal error: {e!r}")
@@ -141,7 +146,8 @@ class FrontendServer:
         req = self.intake.admit(client, msg)
         self.table.add(req)
         if self.status.ready:
-            await self.engine.add(req.engine_id, req.prompt_ids, req.params, req.arrival_wall, req.priority)
+            await self.engine.add(req.engine_id, req.prompt_ids, req.params, req.arrival_wall, req.priority,
+                                  trace_id=trace_id_of(req.traceparent))
         else:
             self.resubmitter.hold(req)  # the scheduler is recovering: it gets this when it is back
 
@@ -159,7 +165,8 @@ class FrontendServer:
                 return
             self.table.forget(req)
             self.rejected += 1
-            await self.replies.reply_error(req.client, req.request_id, msg.code, msg.message)
+            await self.replies.reply_error(req.client, req.request_id, msg.code, msg.message,
+                                           trace_id_of(req.traceparent))
         elif isinstance(msg, p.EngineInfo):
             self.resubmitter.notice(msg)
             self.status.update(msg)
@@ -182,6 +189,7 @@ class FrontendServer:
         gone = self.table.of_client(client)
         for req in gone:
             self.table.forget(req)
+            self.metrics.forget(req)
         log.warning("frontend.client_gone", request_ids=[r.request_id for r in gone], cause=cause)
         await self.engine.abort([r.engine_id for r in gone if not r.held])
 
@@ -197,7 +205,7 @@ class FrontendServer:
                              status=self.status, drain=self.drain, engine_stats=self.engine.stats,
                              model_name=self.model_name,
                              decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-                             render_metrics=None)
+                             render_metrics=self.metrics.render)
 
     # -- drain ----------------------------------------------------------------
     async def abort_in_flight(self) -> list[str]:

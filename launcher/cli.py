@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args)
     if args.command in ("serve", "worker", "frontend"):
         _check_model_or_exit(args.command, config)
+    if args.command == "serve" and config.frontend.http_listen:
+        _check_http_or_exit(config)
     from shared.logging import configure_logging, get_logger
 
     configure_logging(args.command, config.operations.log_level)
@@ -131,6 +133,18 @@ def _check_model_or_exit(command: str, config: ServerConfig) -> None:
         resolve_model(config.model.model)
     except ModelNotFound as e:
         print(f"pagedserve {command}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _check_http_or_exit(config: ServerConfig) -> None:
+    """An HTTP listener that would refuse to start (a non-loopback address without API keys)
+    stops `serve` before any role starts, as the frontend alone would (frontend/main.py)."""
+    from frontend.http.auth import HttpConfigError, keys_for
+
+    try:
+        keys_for(config.frontend)
+    except HttpConfigError as e:
+        print(f"pagedserve serve: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -67,13 +67,15 @@ class ReplyRouter:
             return
         await self._sockets.send(client, msg)
 
-    async def reply_error(self, client: bytes, request_id: str, code: ErrorCode | str, message: str) -> None:
+    async def reply_error(self, client: bytes, request_id: str, code: ErrorCode | str, message: str,
+                          trace_id: str = "") -> None:
         """The one way a client learns its request failed (logged as `request.error`)."""
         if not is_http_client(client):
-            await self._sockets.reply_error(client, request_id, code, message)
+            await self._sockets.reply_error(client, request_id, code, message, trace_id)
             return
         code = code.value if isinstance(code, ErrorCode) else code
-        log.warning("request.error", request_id=request_id, code=code, error=message)
+        log.warning("request.error", request_id=request_id, code=code, error=message,
+                    **({"trace_id": trace_id} if trace_id else {}))
         await self.send(client, p.ErrorReply(request_id=request_id, code=code, message=message))
 
     @staticmethod

@@ -82,3 +82,9 @@ def test_stats_table_shows_each_key_once():
                          {"workers_ready": 1, "running": 0, "kv_blocks_used": 3, "kv_blocks_total": 12})
     keys = [line.split()[0] for line in table.splitlines()]
     assert keys.count("workers_ready") == 1 and "kv_blocks" in keys and "running" in keys
+
+
+def test_an_open_non_loopback_http_listener_stops_serve_before_any_role(tmp_path):
+    proc = pagedserve("serve", "--http-listen", "0.0.0.0:8000", "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2 and proc.stdout == "" and "--api-key-file" in proc.stderr
+    assert not (tmp_path / "run").exists()
