@@ -4,6 +4,7 @@
     pagedserve bench serve --request-rate 0.5 1 2 inf [--burstiness 1.0] [--max-concurrency N]
     pagedserve bench serve --backend openai --base-url http://127.0.0.1:8000 [--model NAME]
     ... [--goodput ttft:500 tpot:100]
+    pagedserve bench http-vs-zmq [--num-prompts 128] [--max-concurrency 64]   (bench/http_vs_zmq.py)
 
 throughput submits every request at once through a running system (started here
 unless --server is given), then runs the peers (bench/peers.py) on the same
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="requests per second; inf sends all at once")
             m.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1: Poisson)")
             m.add_argument("--max-concurrency", type=int, default=None)
+    # Listed for --help; `main` hands `http-vs-zmq ...` to bench/http_vs_zmq.py's own parser.
+    modes.add_parser("http-vs-zmq", add_help=False,
+                     help="one server, the SDK and the HTTP API on the same requests: `... http-vs-zmq --help`")
     return parser
 
 
@@ -247,6 +251,12 @@ def _exit_on_sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["http-vs-zmq"]:
+        from bench.http_vs_zmq import main as http_vs_zmq
+
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        return http_vs_zmq(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     check_backend_flags(parser, args, default_peers=list(PEERS))

@@ -33,7 +33,9 @@ def frontend_metrics(config: ServerConfig, model_name: str, engine: EngineClient
                      max_model_len: int = 1 << 20) -> FrontendMetrics:
     """The process's `FrontendMetrics`: the scheduler's figures through `engine` while `status`
     says it is ready; a span per request when `config.frontend.otlp_traces_endpoint` is set
-    (raises `OtelUnavailable` at start-up when OpenTelemetry is not installed)."""
+    (raises `OtelUnavailable` at start-up when OpenTelemetry is not installed). The `model_name`
+    label is the served name, as the HTTP API's /v1/models calls the model (as vLLM does)."""
+    model_name = config.model.served_model_name or model_name
 
     async def scheduler_stats() -> dict:
         if not status.ready:

@@ -23,6 +23,7 @@ identity of its own; replies reach it through the ReplyRouter.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 import zmq.asyncio
@@ -224,7 +225,10 @@ class FrontendServer:
 
     async def _stats(self) -> dict:
         stats = {"frontend_requests_in_flight": len(self.table), "frontend_requests_finished": self.streamer.finished,
-                 "frontend_requests_rejected": self.rejected}
+                 "frontend_requests_rejected": self.rejected,
+                 # This process's CPU seconds (user + system, all threads): the bench divides its
+                 # change over a run by the tokens generated (bench/http_vs_zmq.py).
+                 "frontend_cpu_s": round(time.process_time(), 6)}
         if self.status.ready:
             try:
                 stats.update(await self.engine.stats())

@@ -208,6 +208,27 @@ def test_curl_shows_the_raw_sse_framing(srv):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_of_metrics_parses_and_counters_move_as_requests_run(srv):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, float]:
+        text = subprocess.run(["curl", "-sS", srv.base_url + "/metrics"], capture_output=True, text=True,
+                              timeout=60, check=True).stdout
+        return {sample.name: sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples if sample.labels.get("model_name") == MODEL}
+
+    before = scrape()
+    api(srv).completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0.0,
+                                extra_body={"ignore_eos": True})
+    after = scrape()
+    assert after["pagedserve:generation_tokens_total"] - before.get("pagedserve:generation_tokens_total", 0) == 5
+    assert after["pagedserve:e2e_request_latency_seconds_count"] == (
+        before.get("pagedserve:e2e_request_latency_seconds_count", 0) + 1)
+    assert after["pagedserve:prompt_tokens_total"] > before.get("pagedserve:prompt_tokens_total", 0)
+    assert "pagedserve:kv_cache_usage_perc" in after and "pagedserve:num_requests_running" in after
+
+
 def test_503_while_draining(srv):
     """Last: SIGTERM drains the server (the frontend first) while a stream runs."""
     client = api(srv)
