@@ -71,29 +71,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _server_cpu_s(pgid: int) -> float | None:
-    """User + system CPU seconds of every live process in the server's process group (Linux)."""
+def _server_cpu_s(root: int) -> float | None:
+    """User + system CPU seconds of the live process `root` and its descendants (Linux /proc):
+    the supervisor and its roles, each of which runs in a process group of its own."""
     if not os.path.isdir("/proc"):
         return None
-    ticks, total = os.sysconf("SC_CLK_TCK"), 0
+    procs = {}  # pid -> (ppid, ticks)
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                fields = f.read().rsplit(")", 1)[1].split()  # [0] state, [1] ppid, [11] utime, [12] stime
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # fields[0] is the state (field 3): pgrp is [2], utime [11], stime [12]
-            total += int(fields[11]) + int(fields[12])
-    return total / ticks
+        procs[int(pid)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, (ppid, _) in procs.items() if ppid in tree} - tree
+        tree, grew = tree | more, bool(more)
+    return sum(procs[pid][1] for pid in tree if pid in procs) / os.sysconf("SC_CLK_TCK")
 
 
-def _counters(address: str, pgid: int) -> dict:
+def _counters(address: str, root: int) -> dict:
     with Client(address) as client:
         stats = client.stats()
     if "frontend_cpu_s" not in stats:
         raise SystemExit("the server's stats have no frontend_cpu_s: a pagedserve older than this bench")
     return {"frontend_cpu_s": stats["frontend_cpu_s"], "tokens_generated": stats.get("tokens_generated", 0),
-            "server_cpu_s": _server_cpu_s(pgid), "client_cpu_s": time.process_time()}
+            "server_cpu_s": _server_cpu_s(root), "client_cpu_s": time.process_time()}
 
 
 def _warm_up(target, requests, n: int) -> None:
@@ -104,11 +108,11 @@ def _warm_up(target, requests, n: int) -> None:
         raise WarmUpFailed(f"warm-up through {target.where} failed: {failed[0]}")
 
 
-def _measure(target, requests, args, address: str, pgid: int) -> dict:
-    before = _counters(address, pgid)
+def _measure(target, requests, args, address: str, root: int) -> dict:
+    before = _counters(address, root)
     records, duration, _ = target._drive(requests, rate=math.inf, max_concurrency=args.max_concurrency,
                                          progress=ProgressBar(target.name, len(requests)))
-    after = _counters(address, pgid)
+    after = _counters(address, root)
     delta = {k: (after[k] - before[k]) if after[k] is not None else None for k in after}
     summary = summarize(records, duration)
     tokens = delta["tokens_generated"] or summary["output_tokens"] or 1
@@ -166,12 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     log_path = os.path.join(args.out, stem + ".server.log")
     print(f"starting the server (log: {log_path})", file=sys.stderr)
     with BenchServer(flags, log_path) as server:
-        pgid = server.proc.pid  # started in a session of its own: its children share this group
         targets = {"zmq": QuietZmqTarget(server.address, started_here=True),
                    "openai": OpenAITarget(f"http://{http_listen}", None)}
         for name in args.order:
             _warm_up(targets[name], requests, args.warmup_prompts)
-        runs = {name: _measure(targets[name], requests, args, server.address, pgid) for name in args.order}
+        runs = {name: _measure(targets[name], requests, args, server.address, server.proc.pid) for name in args.order}
         server_models = targets["openai"].server_models
     records = {name: run.pop("_records") for name, run in runs.items()}
     paths = {name: runs[name] for name in ("zmq", "openai")}

@@ -1,4 +1,4 @@
-"""Fakes and helpers for the frontend's metrics and trace-context tests (test_metrics.py,
+"""Fakes and helpers for the frontend's metrics and trace-context tests (test_prometheus_metrics.py,
 test_trace_context.py): a request driven through `ResponseStreamer` without sockets or a model."""
 
 from __future__ import annotations
