@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -30,7 +29,6 @@ log = get_logger()
 
 PREFIX = "pagedserve:"
 STATS_TIMEOUT_S = 1.0  # a scrape waits this long for the scheduler's figures, then goes without them
-MAX_TRACKED = 100_000  # requests whose token times are kept; past it the oldest are dropped (see `forget`)
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards made for it read ours the same way.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -57,15 +55,6 @@ class RequestTracer(Protocol):
     """What `FrontendMetrics` hands each finished request to (frontend/metrics_otel.py)."""
 
     def on_finished(self, req: FrontendRequest, completion_tokens: int, now: float) -> None: ...
-
-
-@dataclass(slots=True)
-class _TokenTimes:
-    """A request's last token time per output, for inter-token latency and decode time."""
-
-    req: FrontendRequest
-    last: list[float | None]
-    last_any: float = 0.0
 
 
 class SchedulerCollector:
@@ -125,7 +114,8 @@ class FrontendMetrics:
     `stats`: the scheduler's stats dict (docs/events.md, scheduler.stats), asked once per
     `render` and given at most `stats_timeout_s`; any failure leaves its metrics out of that
     scrape. `tracer`: given each finished request (an OpenTelemetry span, frontend/metrics_otel.py).
-    Owns the per-request token times (`_times`, by request id) from the first token to the end."""
+    Keeps nothing per request: token times are the request's own (`FrontendRequest.first_token_at`,
+    `last_token_at`), so a request that leaves without a completion leaves nothing behind here."""
 
     def __init__(self, model_name: str, stats: Callable[[], Awaitable[dict]], *, max_model_len: int = 1 << 20,
                  stats_timeout_s: float = STATS_TIMEOUT_S, tracer: RequestTracer | None = None) -> None:
@@ -134,7 +124,6 @@ class FrontendMetrics:
         self.tracer = tracer
         self._stats = stats
         self._stats_timeout_s = stats_timeout_s
-        self._times: dict[str, _TokenTimes] = {}
         reg, labels = self.registry, ["model_name"]
 
         def histogram(name: str, doc: str, buckets) -> Histogram:
@@ -173,30 +162,21 @@ class FrontendMetrics:
             self._queue.observe(delta.queue_time_s)
         if delta.prefill_time_s is not None:
             self._prefill.observe(delta.prefill_time_s)
-        self._times.pop(req.request_id, None)  # a stale entry of a request forgotten without `on_finished`
-        if len(self._times) >= MAX_TRACKED:
-            del self._times[next(iter(self._times))]
-        self._times[req.request_id] = _TokenTimes(req, [None] * len(req.outputs), req.first_token_at)
 
-    def on_tokens(self, req: FrontendRequest, index: int, num_tokens: int, now: float) -> None:
-        """`num_tokens` tokens of output `index` arrived at `now`."""
+    def on_tokens(self, num_tokens: int, gap_s: float | None) -> None:
+        """`num_tokens` tokens of one output arrived, `gap_s` seconds after its previous ones
+        (None for its first)."""
         self._generation_tokens.inc(num_tokens)
-        times = self._times.get(req.request_id)
-        if times is None or times.req is not req:
-            return
-        last = times.last[index]
-        if last is not None:
-            self._itl.observe(now - last)
-        times.last[index] = times.last_any = now
+        if gap_s is not None:
+            self._itl.observe(gap_s)
 
     def on_finished(self, req: FrontendRequest, completion_tokens: int, now: float) -> None:
         """`req` completed at `now` (any finish reason: its `Completion` is sent)."""
-        times = self._times.pop(req.request_id, None)
         self._e2e.observe(now - req.arrival)
         self._req_prompt.observe(len(req.prompt_ids))
         self._req_generation.observe(completion_tokens)
         if req.first_token_at is not None:
-            last = times.last_any if times is not None and times.req is req else now
+            last = max(req.last_token_at.values(), default=now)
             self._decode.observe(max(0.0, last - req.first_token_at))
         reason = req.finish[0] or p.FinishReason.ABORT.value
         counter = self._success.get(reason)
@@ -208,12 +188,6 @@ class FrontendMetrics:
                 self.tracer.on_finished(req, completion_tokens, now)
             except Exception:  # tracing must never fail a request
                 log.exception("frontend.tracing_failed", request_id=req.request_id)
-
-    def forget(self, req: FrontendRequest) -> None:
-        """`req` left without a completion (its client went away): drop its token times."""
-        times = self._times.get(req.request_id)
-        if times is not None and times.req is req:
-            del self._times[req.request_id]
 
     # -- exposition ----------------------------------------------------------------------------
     async def render(self, accept: str = "") -> tuple[bytes, str]:

@@ -33,6 +33,7 @@ class FrontendRequest:
     arrival: float
     finish: list[str | None] = field(default_factory=list)
     first_token_at: float | None = None
+    last_token_at: dict[int, float] = field(default_factory=dict)  # output index -> its latest token's time
     num_preemptions: int = 0
     logprobs: list[list[p.TokenLogprobs]] | None = None  # per output, when params.logprobs is set
     prompt_logprobs: list[p.TokenLogprobs] = field(default_factory=list)  # prompt tokens 1..

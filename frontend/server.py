@@ -190,7 +190,6 @@ class FrontendServer:
         gone = self.table.of_client(client)
         for req in gone:
             self.table.forget(req)
-            self.metrics.forget(req)
         log.warning("frontend.client_gone", request_ids=[r.request_id for r in gone], cause=cause)
         await self.engine.abort([r.engine_id for r in gone if not r.held])
 

@@ -23,7 +23,7 @@ class _NoObserver:
     """`ResponseStreamer`'s observer when none is given (the real one: frontend/metrics.py)."""
 
     def on_first_token(self, req: FrontendRequest, delta: p.TokenDelta) -> None: ...
-    def on_tokens(self, req: FrontendRequest, index: int, num_tokens: int, now: float) -> None: ...
+    def on_tokens(self, num_tokens: int, gap_s: float | None) -> None: ...
     def on_finished(self, req: FrontendRequest, completion_tokens: int, now: float) -> None: ...
 
 
@@ -47,7 +47,9 @@ class ResponseStreamer:
             if req.first_token_at is None:
                 req.first_token_at = now
                 self.observer.on_first_token(req, delta)
-            self.observer.on_tokens(req, delta.index, len(delta.token_ids), now)
+            previous = req.last_token_at.get(delta.index)
+            req.last_token_at[delta.index] = now
+            self.observer.on_tokens(len(delta.token_ids), None if previous is None else now - previous)
         out.append(delta.token_ids)
         if req.logprobs is not None:
             req.logprobs[delta.index].extend(delta.logprobs)
