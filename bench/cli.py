@@ -2,9 +2,11 @@
 
     pagedserve bench throughput [--num-prompts 48] [--peers cb static] [--dtype float32]
     pagedserve bench serve --request-rate 0.5 1 2 inf [--burstiness 1.0] [--max-concurrency N]
+    pagedserve bench serve ... --variant "before=--batching-policy fcfs" --variant "after=--target-tpot-ms 60"
     pagedserve bench serve --backend openai --base-url http://127.0.0.1:8000 [--model NAME]
     ... [--goodput ttft:500 tpot:100]
     pagedserve bench http-vs-zmq [--num-prompts 128] [--max-concurrency 64]   (bench/http_vs_zmq.py)
+    pagedserve bench structured [--num-seqs 64] [--rounds 2]                 (bench/structured.py)
 
 throughput submits every request at once through a running system (started here
 unless --server is given), then runs the peers (bench/peers.py) on the same
@@ -31,6 +33,7 @@ from bench import plots, report
 from bench.goodput import slo_item, slos_ms
 from bench.metrics import summarize
 from bench.progress import ProgressBar
+from bench.serve_variants import check_variant_flags, serve_variants, variant_item
 from bench.targets import check_backend_flags, open_target, prepare_openai
 from bench.workload import load_requests
 
@@ -86,9 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="requests per second; inf sends all at once")
             m.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1: Poisson)")
             m.add_argument("--max-concurrency", type=int, default=None)
+            m.add_argument("--variant", action="append", type=variant_item, default=[], metavar="NAME=FLAGS",
+                           help="run the sweep once per variant, each on its own server started with these "
+                                "extra flags, e.g. \"before=--batching-policy fcfs\" (bench/serve_variants.py)")
     # Listed for --help; `main` hands `http-vs-zmq ...` to bench/http_vs_zmq.py's own parser.
     modes.add_parser("http-vs-zmq", add_help=False,
                      help="one server, the SDK and the HTTP API on the same requests: `... http-vs-zmq --help`")
+    modes.add_parser("structured", add_help=False,
+                     help="decode step time with every sequence JSON-constrained vs none: `... structured --help`")
     return parser
 
 
@@ -232,6 +240,9 @@ def throughput(args) -> int:
 def serve(args) -> int:
     source, requests = _requests(args)
     os.makedirs(args.out, exist_ok=True)
+    if args.variant:
+        return serve_variants(args, requests, _server_flags(args),
+                              lambda target: _header(args, "serve", source, requests, target), _stem(args))
     log_path = os.path.join(args.out, _stem(args) + ".server.log")
     with open_target(args, log_path, _server_flags(args)) as target:
         head = _header(args, "serve", source, requests, target)
@@ -257,9 +268,15 @@ def main(argv: list[str] | None = None) -> int:
 
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return http_vs_zmq(argv[1:])
+    if argv[:1] == ["structured"]:
+        from bench.structured import main as structured
+
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        return structured(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     check_backend_flags(parser, args, default_peers=list(PEERS))
+    check_variant_flags(parser, args)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF and weight-loading bars

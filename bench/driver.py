@@ -23,6 +23,10 @@ from shared.protocol import SamplingParams
 __all__ = ["arrival_gaps", "run_requests"]
 
 STATS_POLL_S = 0.5
+# The server's counters differenced over a run: preemptions, cache hits, and the steps' make-up
+# (scheduler/step_budget.py: decode and prefill tokens, steps over --target-tpot-ms).
+COUNTED = ("preemptions", "prefix_cache_hit_tokens", "steps", "step_decode_tokens", "step_prefill_tokens",
+           "steps_over_target")
 
 
 async def _one(client: AsyncClient, request: BenchRequest, record: RequestRecord, started: float) -> None:
@@ -64,7 +68,7 @@ async def run_requests(address: str, requests: list[BenchRequest], *, rate: floa
             stop.set()
             await poller
         after = await client.stats()
-    figures = {key: after.get(key, 0) - before.get(key, 0) for key in ("preemptions", "prefix_cache_hit_tokens")}
+    figures = {key: after.get(key, 0) - before.get(key, 0) for key in COUNTED}
     # The poll above samples every STATS_POLL_S and can miss a short run's peak; the scheduler's
     # own high-water mark cannot, when it rose during this run.
     total = max(1, after.get("kv_blocks_total", 1))

@@ -75,6 +75,8 @@ class FrontendServer:
         self.http = self._http_listener(tokenizer, http_keys) if config.frontend.http_listen else None
         self._decoder = p.decoder_for(p.ClientMessage)
         self.rejected = 0
+        self.tokenizer = tokenizer
+        self._tokenizer_sent_to = ""  # the scheduler id that has our TokenizerInfo
 
     # -- main loop ----------------------------------------------------------
     async def run(self) -> None:
@@ -171,6 +173,10 @@ class FrontendServer:
         elif isinstance(msg, p.EngineInfo):
             self.resubmitter.notice(msg)
             self.status.update(msg)
+            if msg.ready and msg.needs_tokenizer and self._tokenizer_sent_to != msg.scheduler_id:
+                # Once per scheduler process, before any resubmission: it compiles grammars with it.
+                self._tokenizer_sent_to = msg.scheduler_id
+                await self.engine.send(p.TokenizerInfo(self.tokenizer.serialized()))
             if self.status.ready:
                 await self.resubmitter.resubmit_held()
 

@@ -42,6 +42,12 @@ class Tokenizer:
         text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(self.hf.encode(text, add_special_tokens=False))
 
+    def serialized(self) -> str:
+        """The tokenizer as Hugging Face `tokenizers` JSON (what llguidance reads in the scheduler),
+        or "" when it is not a fast tokenizer (structured output then fails with that reason)."""
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        return backend.to_str() if backend is not None else ""
+
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 

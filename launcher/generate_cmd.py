@@ -15,6 +15,7 @@ import time
 from launcher.client_io import check_address_or_exit, quiet_broken_pipe
 from shared.client import Client, RequestError
 from shared.protocol import SamplingParams
+from shared.structured import StructuredOutputs
 
 CUT_SHORT = ("abort", "error")
 
@@ -38,6 +39,25 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
                      help="wait this long for the server to become ready (default: 0)")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object (text, finish_reason, token counts) instead of streaming text")
+    shape = gen.add_argument_group("structured output (at most one)")
+    shape.add_argument("--json-schema", metavar="FILE", help="the answer is JSON valid against this JSON Schema file")
+    shape.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
+    shape.add_argument("--regex", metavar="REGEX", help="the answer matches this regular expression")
+    shape.add_argument("--choice", metavar="TEXT", action="append", help="the answer is one of these (repeat it)")
+    shape.add_argument("--grammar", metavar="FILE", help="the answer follows this Lark or GBNF grammar file")
+
+
+def _structured(args) -> StructuredOutputs | None:
+    """The constraint the flags ask for (None: none); OSError for a file that cannot be read."""
+    given = {name: value for name, value in (("json", args.json_schema), ("regex", args.regex),
+                                             ("choice", args.choice), ("grammar", args.grammar)) if value}
+    if args.json_object:
+        given["json_object"] = True
+    for name in ("json", "grammar"):
+        if name in given:
+            with open(given[name], encoding="utf-8") as f:
+                given[name] = f.read()
+    return StructuredOutputs(**given) if given else None
 
 
 def _wait_ready(client: Client, seconds: float) -> None:
@@ -55,11 +75,12 @@ def _wait_ready(client: Client, seconds: float) -> None:
 
 def run_generate(args) -> int:
     check_address_or_exit("generate", args.server)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
+                                structured_outputs=_structured(args))
         params.validate()
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"pagedserve generate: {e}", file=sys.stderr)
         return 2
     with Client(args.server) as client:

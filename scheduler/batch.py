@@ -12,9 +12,12 @@ from scheduler.sequence import Sequence
 PreemptionMode = Literal["recompute", "swap"]
 
 
-def next_chunk(remaining: int, token_budget: int, enable_chunked_prefill: bool) -> int:
-    """Tokens to compute now of `remaining` (tokens) within `token_budget` (tokens); 0 when they
-    must wait for a bigger budget (without chunked prefill a prefill is never split)."""
+def next_chunk(remaining: int, token_budget: int, enable_chunked_prefill: bool, cap: int = 0) -> int:
+    """Tokens to compute now of `remaining` (tokens) within `token_budget` (tokens) and, with
+    chunked prefill, at most `cap` (tokens per sequence per step; 0: no cap); 0 when they must
+    wait for a bigger budget (without chunked prefill a prefill is never split, nor capped)."""
+    if enable_chunked_prefill and cap > 0:
+        token_budget = min(token_budget, cap)
     if remaining <= token_budget:
         return remaining
     return token_budget if enable_chunked_prefill else 0
@@ -41,10 +44,20 @@ class Batch:
     prefix_queried_tokens: int = 0
     prefix_hit_tokens: int = 0
     occupied: int = 0  # sequences running or joining, outputs still to be forked included
+    # decode_first: a running prefill got fewer tokens than its chunk for want of free blocks,
+    # so nothing joins this step (a joiner would take the blocks it waits for).
+    short_of_blocks: bool = False
+    budget: int = 0  # tokens this step was allowed (decodes included)
 
     @property
     def num_tokens(self) -> int:
         return sum(num for _, num, _ in self.scheduled)
+
+    def split_tokens(self) -> tuple[int, int]:
+        """(decode tokens, prefill tokens) scheduled. A decode computes the one token its
+        sequence does not have KV for yet (progress counts are still the step's start)."""
+        decode = sum(1 for seq, num, _ in self.scheduled if num == 1 and seq.num_computed_tokens + 1 == seq.num_tokens)
+        return decode, self.num_tokens - decode
 
     def has_room_for(self, joining: int, max_num_seqs: int) -> tuple[bool, bool]:
         """(may `joining` more sequences run, does anything else run). Outputs

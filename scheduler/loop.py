@@ -37,6 +37,7 @@ import zmq
 from scheduler.frontend_link import FrontendLink
 from scheduler.router import Router
 from scheduler.step_stats import StepStats
+from scheduler.waker import Waker
 from scheduler.worker_group import WorkerGroup
 from scheduler.worker_link import WorkerLink
 from shared import protocol as p
@@ -62,6 +63,8 @@ class SchedulerLoop:
         self.poller = zmq.Poller()
         self.poller.register(self.frontend_sock, zmq.POLLIN)
         self.poller.register(self.worker_sock, zmq.POLLIN)
+        self.waker = Waker()  # the grammar compiler's threads: a structured request's grammar is ready
+        self.poller.register(self.waker.fd, zmq.POLLIN)
         self.drain = Drain(config.operations.drain_timeout_s)
         self.notifier = Notifier()
         self.step_stats = StepStats()
@@ -70,7 +73,8 @@ class SchedulerLoop:
                                       engine_info=self._engine_info, abort_frontend=self._abort_frontend)
         self.workers = WorkerLink(Router(self.worker_sock), WorkerGroup(config.parallel.tensor_parallel_size),
                                   config=config.scheduler, step_stats=self.step_stats, notifier=self.notifier,
-                                  send_deltas=self.frontends.send_deltas, on_ready=self.frontends.announce_info)
+                                  send_deltas=self.frontends.send_deltas, on_ready=self.frontends.announce_info,
+                                  wake=self.waker.wake)
         self._next_stats_at = time.monotonic() + config.scheduler.stats_interval_s
         self._last_logged_steps: int | None = None
         self._last_stats_log = float("-inf")
@@ -92,6 +96,9 @@ class SchedulerLoop:
                 self.workers.router.receive_all(self.workers.receive)
             if self.frontend_sock in events:
                 self.frontends.router.receive_all(self._on_frontend)
+            if self.waker.fd in events:
+                self.waker.clear()
+                self._admit_compiled()
             self.workers.check_liveness()
             self.frontends.check_liveness()
             if self.workers.ready_to_step():
@@ -123,6 +130,17 @@ class SchedulerLoop:
                 self.frontends.send_deltas(sched.finish_outputs(msg.outputs))
         elif isinstance(msg, p.StatsQuery):
             self.frontends.send(ident, p.StatsResult(query_id=msg.query_id, stats=self.stats_reply()))
+        elif isinstance(msg, p.TokenizerInfo):
+            if sched is not None:
+                sched.structured.set_tokenizer(msg.tokenizer_json)
+
+    def _admit_compiled(self) -> None:
+        """Structured requests whose grammar is done join the queue; failed ones are rejected."""
+        sched = self.workers.scheduler
+        if sched is None:
+            return
+        for ident, rejected in sched.admit_compiled():
+            self.frontends.send(ident, rejected)
 
     def _engine_info(self) -> p.EngineInfo:
         return self.workers.engine_info()
@@ -136,7 +154,7 @@ class SchedulerLoop:
         """Acts on signals and the drain deadline; True once a drain is complete: nothing is
         left in flight."""
         sched = self.workers.scheduler
-        transition = self.drain.poll(work_left=sched is not None and sched.has_work())
+        transition = self.drain.poll(work_left=sched is not None and (sched.has_work() or sched.awaiting_grammar() > 0))
         if transition == "begin":
             in_flight = sched.stats()["requests_in_flight"] if sched else 0
             log.info("scheduler.draining", requests_in_flight=in_flight, timeout_s=self.drain.timeout_s)
@@ -151,15 +169,22 @@ class SchedulerLoop:
         if sched is None:
             return True
         # A step still in flight after an abort holds only finished sequences: no need to wait.
-        return not sched.has_work() and (sched.in_flight is None or self.drain.aborted)
+        return (not sched.has_work() and not sched.awaiting_grammar()
+                and (sched.in_flight is None or self.drain.aborted))
 
     def _shut_down(self) -> None:
         self.workers.shut_down("the scheduler is stopping")
         stats = self.stats()
+        if self.workers.scheduler is not None:
+            # Final totals: a run shorter than stats_interval_s would otherwise leave no stats line at all.
+            log.info("scheduler.stats", **stats)
         log.info("scheduler.stopped", requests_finished=stats.get("requests_finished", 0),
                  requests_aborted=stats.get("requests_aborted", 0))
+        if self.workers.scheduler is not None:
+            self.workers.scheduler.structured.close()
         for sock in (self.frontend_sock, self.worker_sock):
             sock.close(linger=FLUSH_ON_EXIT_MS)
+        self.waker.close()
         self.ctx.term()
 
     # -- visibility ---------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Which sequences run each step: FCFS by (priority, arrival), continuous
-batching, chunked prefill, preemption by recompute or swap, fork for n > 1.
+batching, decode-first (stall-free) steps with chunked prefill, preemption by
+recompute or swap, fork for n > 1.
 
 Pure policy over the block manager: no sockets, no protocol messages, no
 logging (the scheduler turns a `Batch` into a `StepPlan` and logs preemptions
@@ -22,6 +23,7 @@ from scheduler.policy_waiting import WaitingPolicy
 from scheduler.preemption import OnPreempt, Preemption
 from scheduler.seq_queue import SeqQueue
 from scheduler.sequence import Sequence, SeqStatus
+from scheduler.step_budget import StepBudget
 
 __all__ = ["Batch", "BatchPolicy", "PreemptionMode"]
 
@@ -35,11 +37,21 @@ class BatchPolicy:
     sequences are served first and the preemption victim (lowest priority,
     then latest arrival) is always `running[-1]`.
 
-    Order within a step: running sequences (each its next chunk: one token for
-    a decode, up to the token budget for a prefill when chunked prefill is on);
-    then, if nothing had to be preempted, swapped sequences come back; then,
-    only once none is left swapped, waiting ones are admitted. Admissions and
-    swap-ins keep the watermark free unless nothing else runs.
+    Order within a step, `batching_policy` "decode_first" (the default): every
+    running decode gets its token; then the step's token budget (`StepBudget`:
+    max_num_batched_tokens, or what the step-time model allows within
+    `target_tpot_ms` while anything decodes) goes to prefill chunks of at most
+    `chunk_cap` tokens each: running prefills first, then, if nothing had to be
+    preempted and no running prefill was short of blocks, swapped sequences come
+    back, then, only once none is left swapped, waiting ones are admitted (new
+    and recomputing alike, in policy order). So a prefill never delays a decode,
+    and under overload the queue grows, not the step.
+
+    "fcfs" (the policy before decode_first, kept to compare): running sequences
+    in policy order each take their next chunk (one token for a decode, up to the
+    whole budget for a prefill); then swapped, then waiting, as above; no cap, no
+    target. Either way admissions and swap-ins keep the watermark free unless
+    nothing else runs.
 
     After a worker failure the sequences of the step in flight are suspects
     (scheduler/isolation.py): while one is runnable, each step runs it alone
@@ -61,11 +73,18 @@ class BatchPolicy:
         enable_chunked_prefill: bool = True,
         preemption_mode: PreemptionMode = "recompute",
         on_preempt: OnPreempt = lambda seq, cause, mode: None,
+        batching_policy: str = "decode_first",  # or "fcfs" (shared/config.py)
+        chunk_cap: int = 0,
+        target_tpot_ms: float | None = None,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens  # tokens per step
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.decode_first = batching_policy == "decode_first"
+        # Tokens one sequence prefills per step at most (0: no cap); fcfs has none.
+        self.chunk_cap = chunk_cap if self.decode_first else 0
+        self.step_budget = StepBudget(max_num_batched_tokens, target_tpot_ms if self.decode_first else None)
         self.running: list[Sequence] = []
         self.waiting = SeqQueue()
         self.swapped = SeqQueue()
@@ -75,31 +94,43 @@ class BatchPolicy:
         self._running_policy = RunningPolicy(block_manager, self.preemption,
                                              enable_chunked_prefill=enable_chunked_prefill)
         self._swapped_policy = SwappedPolicy(block_manager, self.swapped, max_num_seqs=max_num_seqs,
-                                             enable_chunked_prefill=enable_chunked_prefill)
+                                             enable_chunked_prefill=enable_chunked_prefill, chunk_cap=self.chunk_cap)
         self._waiting_policy = WaitingPolicy(block_manager, self.waiting, max_num_seqs=max_num_seqs,
-                                             enable_chunked_prefill=enable_chunked_prefill)
+                                             enable_chunked_prefill=enable_chunked_prefill, chunk_cap=self.chunk_cap)
 
     def enqueue(self, seq: Sequence) -> None:
         self.waiting.push(seq)
 
     def schedule_next_batch(self) -> Batch:
-        batch = Batch()
+        batch = Batch(budget=self.max_num_batched_tokens)
         suspect = self.isolation.next_suspect()
         if suspect is not None and self._run_alone(suspect, batch):
+            self.step_budget.record(*batch.split_tokens(), batch.budget)
             return batch
-        token_budget = self._running_policy.schedule(self.running, batch, self.max_num_batched_tokens)
+        if self.decode_first:
+            token_budget = self._running_policy.schedule_decode_first(self.running, batch, self.step_budget,
+                                                                      self.chunk_cap)
+        else:
+            token_budget = self._running_policy.schedule(self.running, batch, self.max_num_batched_tokens)
         # Preempting means memory ran out this step: bringing anyone in now
         # would only evict someone else at the next block boundary.
-        if not batch.preempted:
+        if not batch.preempted and not batch.short_of_blocks:
             batch.occupied = sum(1 + len(seq.children) for seq in self.running)
-            token_budget = self._swapped_policy.swap_in(batch, token_budget)
+            seats = min(self.max_num_seqs, self.step_budget.seats() or self.max_num_seqs)
+            token_budget = self._swapped_policy.swap_in(batch, token_budget, seats)
             if not self.swapped:
-                self._waiting_policy.admit(batch, token_budget)
+                self._waiting_policy.admit(batch, token_budget, seats)
         joined = batch.swapped_in + batch.admitted
         if joined:
             self.running.extend(joined)
             self.running.sort(key=_policy_order)
+        self.step_budget.record(*batch.split_tokens(), batch.budget)
         return batch
+
+    def observe_step(self, step_time_s: float, step_id: int = -1) -> str | None:
+        """The worker's time for the step last scheduled (seconds): the step-time model learns
+        from it; returns why it ran over `target_tpot_ms`, if it did (scheduler/step_budget.py)."""
+        return self.step_budget.observe(step_time_s, step_id)
 
     def _run_alone(self, seq: Sequence, batch: Batch) -> bool:
         """`seq`'s next chunk is the whole step; False if it has none (then the step is a

@@ -14,20 +14,22 @@ class SwappedPolicy:
     nothing else runs."""
 
     def __init__(self, block_manager: BlockManager, swapped: SeqQueue, *, max_num_seqs: int,
-                 enable_chunked_prefill: bool) -> None:
+                 enable_chunked_prefill: bool, chunk_cap: int = 0) -> None:
         self.block_manager = block_manager
         self.swapped = swapped
         self.max_num_seqs = max_num_seqs
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.chunk_cap = chunk_cap  # tokens per sequence per step (0: none but the budget)
 
-    def swap_in(self, batch: Batch, token_budget: int) -> int:
-        """Swap in while tokens, sequences and blocks allow; returns the tokens left of `token_budget`."""
+    def swap_in(self, batch: Batch, token_budget: int, seats: int | None = None) -> int:
+        """Swap in while tokens, sequences (`seats`, default `max_num_seqs`) and blocks allow;
+        returns the tokens left of `token_budget`."""
         bm = self.block_manager
         while self.swapped and token_budget > 0:
             seq = self.swapped.peek()
-            room, busy = batch.has_room_for(1 + len(seq.children), self.max_num_seqs)
+            room, busy = batch.has_room_for(1 + len(seq.children), seats or self.max_num_seqs)
             num_tokens = next_chunk(seq.compute_limit - seq.num_computed_tokens, token_budget,
-                                    self.enable_chunked_prefill)
+                                    self.enable_chunked_prefill, self.chunk_cap)
             if not room or num_tokens <= 0 or not bm.can_swap_in(seq.seq_id, num_tokens, use_watermark=busy):
                 break
             self.swapped.pop()

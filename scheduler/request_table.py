@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from scheduler.admission import check_admission
 from scheduler.block_manager import BlockManager
@@ -63,8 +64,10 @@ class RequestTable:
 
     # -- intake --------------------------------------------------------------------
 
-    def add(self, msg: AddRequest, frontend: bytes) -> RequestRejected | None:
-        """Queue `msg`, or reject it at once (and log `request.rejected`)."""
+    def add(self, msg: AddRequest, frontend: bytes, grammar: Any = None) -> RequestRejected | None:
+        """Queue `msg`, or reject it at once (and log `request.rejected`). `grammar`: the
+        `CompiledGrammar` of a structured request (each output gets its own matcher; raises
+        GrammarError when a resubmitted output's tokens do not match it)."""
         try:
             max_tokens = check_admission(msg, self.limits, in_flight=msg.request_id in self._requests,
                                          num_waiting=len(self.policy.waiting), max_waiting=self.max_waiting)
@@ -79,9 +82,13 @@ class RequestTable:
                           max_tokens=max_tokens, stop_token_ids=frozenset(stop_token_ids(params, self.eos_token_ids)),
                           trace_id=msg.trace_id, received_at=self._clock())
         resumed, done = msg.output_token_ids, set(msg.finished_outputs)
+        # Matchers first: one that raises (GrammarError) leaves nothing half added.
+        matchers = [grammar.matcher(resumed[i] if i < len(resumed) else []) if grammar and i not in done else None
+                    for i in range(params.n)]
         for index in range(params.n):
             generated = resumed[index] if index < len(resumed) else []
             seq = Sequence(self._next_seq_id, request, index, list(msg.prompt_token_ids) + list(generated))
+            seq.grammar = matchers[index]
             self._next_seq_id += 1
             request.seqs.append(seq)
             if index in done:  # ended before a scheduler restart: nothing to run

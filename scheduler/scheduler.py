@@ -13,20 +13,21 @@ import time
 from collections.abc import Callable, Iterable
 
 from scheduler.block_manager import BlockManager
+from scheduler.grammar_intake import Rejections
 from scheduler.invariants import check_scheduler_invariants
 from scheduler.policy import BatchPolicy
 from scheduler.request_table import Outputs, RequestTable
 from scheduler.sequence import Request, Sequence, SeqStatus
 from scheduler.step_planner import StepPlanner
+from scheduler.structured_output import StructuredOutput
+from scheduler.token_outcome import attach_logprobs, finish_reason, time_first_token
 from shared.config import SchedulerConfig
 from shared.logging import get_logger
-from shared.protocol import AddRequest, FinishReason, RequestRejected, StepPlan, StepResult, TokenDelta
+from shared.protocol import AddRequest, FinishReason, RequestRejected, StepMasks, StepPlan, StepResult, TokenDelta
 from shared.validation import Limits
 
 log = get_logger("scheduler")
 
-_STOP = FinishReason.STOP.value
-_LENGTH = FinishReason.LENGTH.value
 _ERROR = FinishReason.ERROR.value
 
 _STEP_COUNTERS = ("preemptions", "preemptions_recompute", "preemptions_swap", "tokens_generated", "steps",
@@ -54,7 +55,7 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, *, num_device_blocks: int, block_size: int, max_model_len: int,
                  vocab_size: int, eos_token_ids: list[int], num_host_blocks: int = 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wake: Callable[[], None] = lambda: None) -> None:
         # What any one sequence may use, as admission and the frontend check it (EngineInfo tells the frontend).
         self.limits = Limits(max_model_len, vocab_size, num_device_blocks, block_size,
                              config.resolved_max_num_batched_tokens(max_model_len), config.enable_chunked_prefill)
@@ -63,11 +64,16 @@ class Scheduler:
         self.policy = BatchPolicy(self.block_manager, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=self.limits.max_num_batched_tokens,
                                   enable_chunked_prefill=config.enable_chunked_prefill,
-                                  preemption_mode=config.preemption_mode, on_preempt=self._on_preempt)
+                                  preemption_mode=config.preemption_mode, on_preempt=self._on_preempt,
+                                  batching_policy=config.batching_policy, target_tpot_ms=config.target_tpot_ms,
+                                  chunk_cap=config.resolved_long_prefill_token_threshold(max_model_len))
         self._planner = StepPlanner()
         self._requests = RequestTable(self.policy, self.block_manager, release=self._planner.release,
                                       limits=self.limits, eos_token_ids=eos_token_ids, max_waiting=config.max_waiting,
                                       clock=clock)
+        # Structured requests wait there for their grammar; `wake` (thread-safe) says one is ready.
+        self.structured = StructuredOutput(vocab_size=vocab_size, eos_token_ids=eos_token_ids,
+                                           admit=self._requests.add, wake=wake)
         self._counters = dict.fromkeys(_STEP_COUNTERS, 0)
         self._kv_blocks_used_peak = 0  # the most device blocks in use after any schedule(), since start
         self._clock = clock  # per-request timings only (Request.received_at ...): the first token's delta reports them
@@ -75,13 +81,29 @@ class Scheduler:
     # -- requests ------------------------------------------------------------
 
     def add_request(self, msg: AddRequest, frontend: bytes) -> RequestRejected | None:
-        """Queue `msg`, or reject it at once (and log `request.rejected`)."""
+        """Queue `msg`, or reject it at once (and log `request.rejected`). A structured request
+        may wait for its grammar first (`admit_compiled`)."""
+        if msg.params.structured_outputs is not None:
+            return self.structured.add(msg, frontend)
         return self._requests.add(msg, frontend)
+
+    def admit_compiled(self) -> Rejections:
+        """Queue the structured requests whose grammar is now compiled; returns the rejections
+        (grammars that failed) for their frontends."""
+        return self.structured.admit_ready()
+
+    def awaiting_grammar(self) -> int:
+        """Requests waiting for their grammar: in flight, though no sequence of theirs exists yet."""
+        return len(self.structured.intake)
 
     def abort(self, request_ids: Iterable[str], finish_reason: str = FinishReason.ABORT.value) -> Outputs:
         """Finish every unfinished sequence of these requests now, freeing their blocks; unknown
         ids are ignored. Returns (frontend identity, finishing delta without tokens) per sequence."""
-        return self._requests.abort(request_ids, finish_reason)
+        request_ids = list(request_ids)
+        outputs = self._requests.abort(request_ids, finish_reason)
+        for frontend, request_id, n in self.structured.intake.remove(request_ids):
+            outputs.extend((frontend, TokenDelta(request_id, i, [], finish_reason)) for i in range(n))
+        return outputs
 
     def finish_outputs(self, outputs: Iterable[tuple[str, int]]) -> Outputs:
         """Finish single outputs, as (request id, output index), with reason "stop" (a stop string
@@ -91,13 +113,13 @@ class Scheduler:
     def abort_frontend(self, frontend: bytes) -> list[str]:
         """Abort every request of a frontend that went away; returns their ids.
         O(requests in flight): only on a disconnect."""
-        request_ids = self._requests.ids_of_frontend(frontend)
-        self._requests.abort(request_ids)
+        request_ids = self._requests.ids_of_frontend(frontend) + self.structured.intake.ids_of_frontend(frontend)
+        self.abort(request_ids)
         return request_ids
 
     def abort_all(self, finish_reason: str = FinishReason.ABORT.value) -> Outputs:
         """Abort everything in flight (a drain that timed out, a fatal error)."""
-        return self._requests.abort(self._requests.ids(), finish_reason)
+        return self.abort(self._requests.ids() + self.structured.intake.ids(), finish_reason)
 
     # -- steps ---------------------------------------------------------------
 
@@ -129,6 +151,14 @@ class Scheduler:
         self._kv_blocks_used_peak = max(self._kv_blocks_used_peak, self.block_manager.num_used_blocks)
         return self._planner.plan(batch)
 
+    def step_masks(self, plan: StepPlan) -> StepMasks | None:
+        """The grammar masks of `plan`'s constrained rows (None if it has none): computed after the
+        plan was sent, while the worker runs its forward."""
+        if not plan.masked_rows:
+            return None
+        seqs = [self._requests.sequence(plan.scheduled[row].seq_id) for row in plan.masked_rows]
+        return self.structured.masks(plan, seqs)
+
     def update(self, result: StepResult) -> Outputs:
         """Apply the worker's sampled tokens for the step in flight; returns (frontend
         identity, delta) pairs: one per sequence that sampled a token. Sequences aborted
@@ -144,6 +174,7 @@ class Scheduler:
                              f"step {plan.step_id} with {len(plan.scheduled)} sequences")
         self._planner.complete()
         self._counters["steps"] += 1
+        self.policy.observe_step(result.step_time_s, plan.step_id)  # the step-time model learns its time
         outputs = []
         any_finished = False
         for i, (work, token) in enumerate(zip(plan.scheduled, result.sampled)):
@@ -165,9 +196,9 @@ class Scheduler:
                 self.policy.isolation.clear(seq)
             delta = TokenDelta(seq.request_id, seq.output_index, [token])
             if seq.request.first_token_at is None:
-                self._time_first_token(seq.request, delta)
-            _attach_logprobs(delta, result, i)
-            reason = self._finish_reason(seq, token)
+                time_first_token(seq.request, delta, self._clock())
+            attach_logprobs(delta, result, i)
+            reason = finish_reason(seq, token, self.limits.max_model_len)
             if reason is not None:
                 self._requests.finish(seq)
                 delta.finish_reason = reason
@@ -209,22 +240,6 @@ class Scheduler:
 
     # -- internals -----------------------------------------------------------
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        """Checked after appending `token` to `seq`. EOS and stop ids end it only from generated
-        token number min_tokens on (0-based): the worker masks them before that."""
-        if token in seq.request.stop_token_ids and seq.num_output_tokens > seq.request.params.min_tokens:
-            return _STOP
-        if seq.num_output_tokens >= seq.request.max_tokens or seq.num_tokens >= self.limits.max_model_len:
-            return _LENGTH
-        return None
-
-    def _time_first_token(self, request: Request, delta: TokenDelta) -> None:
-        """`delta` carries `request`'s first token: it reports the queue and prefill times."""
-        request.first_token_at = now = self._clock()
-        scheduled = request.first_scheduled_at if request.first_scheduled_at is not None else now
-        delta.queue_time_s = round(max(0.0, scheduled - request.received_at), 6)
-        delta.prefill_time_s = round(max(0.0, now - scheduled), 6)
-
     def _on_preempt(self, seq: Sequence, cause: str, mode: str) -> None:
         """Called by the policy before the victim's blocks are freed or swapped."""
         self._counters["preemptions"] += 1
@@ -256,7 +271,7 @@ class Scheduler:
             "running": len(policy.running),
             "waiting": len(policy.waiting),
             "swapped": len(policy.swapped),
-            "requests_in_flight": len(self._requests),
+            "requests_in_flight": len(self._requests) + self.awaiting_grammar(),
             **{name: totals[name] for name in _COUNTERS},
             "kv_blocks_used": bm.num_used_blocks,
             "kv_blocks_used_peak": self._kv_blocks_used_peak,
@@ -266,16 +281,11 @@ class Scheduler:
             "kv_blocks_evicted": bm.blocks_evicted,
             "host_blocks_used": bm.num_used_host_blocks,
             "host_blocks_total": bm.num_host_blocks,
+            **policy.step_budget.figures(),
+            **self.structured.stats(),
         }
 
     def check_invariants(self) -> None:
         """O(everything): for tests (scheduler/invariants.py says what is checked)."""
         check_scheduler_invariants(self, self._requests.unfinished(), self.in_flight)
 
-
-def _attach_logprobs(delta: TokenDelta, result: StepResult, i: int) -> None:
-    """Copy row `i`'s logprobs (if the worker sent any) onto its delta."""
-    if result.logprobs and result.logprobs[i] is not None:
-        delta.logprobs = [result.logprobs[i]]
-    if result.prompt_logprobs and result.prompt_logprobs[i]:
-        delta.prompt_logprobs = result.prompt_logprobs[i]

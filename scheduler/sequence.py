@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from shared.protocol import SamplingParams
 
@@ -72,6 +73,9 @@ class Sequence:
 
     `crashes` > 0 makes it a suspect, run alone until it samples a token.
 
+    `grammar` is its structured-output matcher (an llguidance `LLMatcher`, which has accepted
+    every generated token), or None when unconstrained (scheduler/grammar_masks.py).
+
     `on_worker` is True between the step that sends this sequence as a
     `NewSeq` and the step whose `finished_seq_ids` tells the worker to drop it.
     """
@@ -87,6 +91,7 @@ class Sequence:
     on_worker: bool = False
     children: list[Sequence] = field(default_factory=list)
     crashes: int = 0  # worker failures in a row with this sequence in flight (scheduler/isolation.py)
+    grammar: Any = None
     # Policy order, best first: priority, then arrival; the scheduler assigns
     # seq ids in arrival order, so the id breaks ties deterministically.
     sort_key: tuple[int, float, int] = field(init=False)

@@ -50,8 +50,10 @@ class StepPlanner:
             return StepPlan(step_id=self._next_step_id, scheduled=[])
         for seq in batch.rebuilt:
             seq.on_worker = False  # its table changed in place: send it whole again
-        scheduled, new_seqs = [], []
+        scheduled, new_seqs, masked_rows = [], [], []
         for seq, num_tokens, new_blocks in batch.scheduled:
+            if seq.grammar is not None and seq.num_computed_tokens + num_tokens >= seq.num_tokens:
+                masked_rows.append(len(scheduled))  # it samples: its grammar masks the token
             if seq.on_worker:
                 scheduled.append(ScheduledSeq(seq.seq_id, num_tokens, seq.num_computed_tokens, new_blocks))
                 continue
@@ -61,7 +63,7 @@ class StepPlanner:
                                    seq.request.params, seq.output_index))
         plan = StepPlan(step_id=self._next_step_id, scheduled=scheduled, new_seqs=new_seqs,
                         finished_seq_ids=self._to_drop, swap_out=batch.swap_out, swap_in=batch.swap_in,
-                        copy=batch.copy)
+                        copy=batch.copy, masked_rows=masked_rows)
         self._to_drop = []
         self._next_step_id += 1
         self._in_flight = plan

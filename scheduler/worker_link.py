@@ -60,7 +60,8 @@ class WorkerLink:
     seconds for liveness, `time.perf_counter()` seconds for step phases (`step_stats`)."""
 
     def __init__(self, router: Router, group: WorkerGroup, *, config: SchedulerConfig, step_stats: StepStats,
-                 notifier: Notifier, send_deltas: Callable[[Outputs], None], on_ready: Callable[[], None]) -> None:
+                 notifier: Notifier, send_deltas: Callable[[Outputs], None], on_ready: Callable[[], None],
+                 wake: Callable[[], None] = lambda: None) -> None:
         self.router = router
         self.group = group
         self.config = config
@@ -68,6 +69,7 @@ class WorkerLink:
         self.notifier = notifier
         self.send_deltas = send_deltas
         self.on_ready = on_ready
+        self.wake = wake  # given to the Scheduler: its grammar compiler's threads wake the loop
         self._scheduler: Scheduler | None = None
         self._decoder = p.decoder_for(p.WorkerMessage)
         self._rejoin_sent: dict[bytes, float] = {}  # identity -> monotonic seconds of its last Rejoin
@@ -88,7 +90,8 @@ class WorkerLink:
                             workers_ready=group.ready_count(), workers_expected=group.size,
                             max_num_batched_tokens=sched.limits.max_num_batched_tokens,
                             enable_chunked_prefill=sched.limits.enable_chunked_prefill,
-                            kv_cache_bytes=first.memory.get("kv_cache_bytes", 0))
+                            kv_cache_bytes=first.memory.get("kv_cache_bytes", 0),
+                            needs_tokenizer=sched.structured.needs_tokenizer)
 
     # -- messages -------------------------------------------------------------------
     def receive(self, ident: bytes, frame: bytes) -> None:
@@ -172,7 +175,8 @@ class WorkerLink:
         return sched is not None and sched.in_flight is None and self.group.complete and sched.has_work()
 
     def start_step(self) -> None:
-        """Plan the next step and send it to every rank."""
+        """Plan the next step and send it to every rank; then its grammar masks (if any) to rank 0,
+        computed while the ranks run the forward."""
         started = time.perf_counter()
         plan = self._scheduler.schedule()
         if not plan.scheduled:
@@ -187,6 +191,11 @@ class WorkerLink:
             else:  # the only rank never got it: recompute, fail nothing, suspect nobody
                 self._fail_group(rank, "unreachable", delivered=False)
             return
+        masks = self._scheduler.step_masks(plan)
+        if masks is not None:
+            rank, ident = next(iter(self.group.identities()))
+            if not self.router.send(ident, masks):  # it got the plan: it fails the step waiting for these
+                self._fail_group(rank, "unreachable", failed_step=plan.step_id, error="rank 0 cannot be reached")
 
     def shut_down(self, reason: str) -> None:
         """Tell every member to exit."""
@@ -200,7 +209,7 @@ class WorkerLink:
         self._scheduler = Scheduler(self.config, num_device_blocks=cap.num_device_blocks,
                                     block_size=first.block_size, max_model_len=cap.max_model_len,
                                     vocab_size=first.vocab_size, eos_token_ids=first.eos_token_ids,
-                                    num_host_blocks=cap.num_host_blocks)
+                                    num_host_blocks=cap.num_host_blocks, wake=self.wake)
         self.group.reference = first
         self.group.required = Capacity(cap.num_device_blocks, cap.num_host_blocks, cap.max_model_len)
         log.info("scheduler.ready", kv_blocks=cap.num_device_blocks, host_blocks=cap.num_host_blocks,

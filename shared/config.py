@@ -124,6 +124,13 @@ class SchedulerConfig(_Section):
     enable_chunked_prefill: Annotated[bool, _help("prefill long prompts in chunks within the token budget",
                                                   "BOOL")] = True
     enable_prefix_caching: Annotated[bool, _help("reuse KV blocks of identical prompt prefixes", "BOOL")] = True
+    batching_policy: Annotated[Literal["decode_first", "fcfs"], _help(
+        "fcfs: each running sequence its next chunk, in order; decode_first: decodes, then prefills")] = "fcfs"
+    long_prefill_token_threshold: Annotated[int | None, _help(
+        "decode_first: most prefill tokens per sequence a step; 0: no cap (default 4% of max_model_len, >= 256)",
+        "TOKENS")] = None
+    target_tpot_ms: Annotated[float | None, _help("decode_first: keep steps this short while anything decodes",
+                                                  "MS")] = None
     preemption_mode: Annotated[PreemptionMode, _help("what a preempted sequence's KV becomes; swap needs "
                                                      "--swap-space-gib and falls back to recompute without "
                                                      "host room")] = "recompute"
@@ -139,6 +146,10 @@ class SchedulerConfig(_Section):
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        t, ms = self.long_prefill_token_threshold, self.target_tpot_ms
+        if (t or 0) < 0 or not (ms is None or ms > 0) or (self.batching_policy == "fcfs" and (t, ms) != (None, None)):
+            raise ValueError("long_prefill_token_threshold >= 0 and target_tpot_ms > 0 go with "
+                             "batching_policy decode_first (--batching-policy decode_first)")
         if not self.heartbeat_timeout_s > 0:
             raise ValueError(f"heartbeat_timeout_s must be > 0, got {self.heartbeat_timeout_s}")
         if self.max_waiting < 1:
@@ -151,6 +162,10 @@ class SchedulerConfig(_Section):
         chunked prefill any admitted prompt fits one step. The scheduler and the worker both
         read it here."""
         return self.max_num_batched_tokens or max(max_model_len, 2048)
+
+    def resolved_long_prefill_token_threshold(self, max_model_len: int) -> int:
+        """decode_first's cap per sequence per step (tokens; 0: none); by default 4% of max_model_len, >= 256."""
+        return max(256, int(max_model_len * 0.04)) if (t := self.long_prefill_token_threshold) is None else t
 
 
 class FrontendConfig(_Section):

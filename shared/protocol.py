@@ -26,11 +26,14 @@ from typing import Annotated, Any, Union
 import msgspec
 from msgspec import Meta, Struct, field
 
+from shared.structured import StructuredOutputs
+
 # The internal sockets' protocol (frontend <-> scheduler <-> worker). Bumped when a message
 # changes meaning; each hello carries it, and the scheduler refuses a peer of another version
 # with a message naming both (a frontend or worker left running across an upgrade).
 # 2: stop-string finishes moved from AbortRequests to FinishOutputs.
-PROTOCOL_VERSION = 2
+# 3: structured output (TokenizerInfo, EngineInfo.needs_tokenizer, StepPlan.masked_rows, StepMasks).
+PROTOCOL_VERSION = 3
 
 # Bounds on untrusted sizes. The frame itself is bounded by ZMQ_MAXMSGSIZE (shared/ipc.py).
 MAX_PROMPT_TOKENS = 1 << 20
@@ -94,6 +97,8 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
     min_tokens: int = 0  # EOS and stop_token_ids / stop strings cannot end the output before this many tokens
     logprobs: int | None = None  # top-k log-probabilities per generated token, plus the chosen token's
     prompt_logprobs: int | None = None  # the same for every prompt token but the first
+    # Tokens must match this JSON Schema, regex, choice or grammar (shared/structured.py).
+    structured_outputs: StructuredOutputs | None = None
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first bad field. Each field is checked on its own first;
@@ -122,6 +127,11 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
                     raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab_size})")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        if self.structured_outputs is not None:
+            try:
+                self.structured_outputs.validate()
+            except ValueError as e:
+                raise ValueError(f"structured_outputs: {e}") from None
 
     def _validate_other_fields(self) -> None:
         if not 0.0 <= self.min_p <= 1.0:
@@ -337,7 +347,15 @@ class StatsQuery(_Internal, tag="stats_q"):
     query_id: str
 
 
-FrontendMessage = Union[FrontendHello, AddRequest, AbortRequests, FinishOutputs, StatsQuery]
+class TokenizerInfo(_Internal, tag="tokenizer"):
+    """The tokenizer, as Hugging Face `tokenizers` JSON: sent once per scheduler process, when its
+    `EngineInfo.needs_tokenizer` asks, so the scheduler can compile grammars over the model's
+    tokens (llguidance reads this JSON itself: the scheduler never imports transformers)."""
+
+    tokenizer_json: str
+
+
+FrontendMessage = Union[FrontendHello, AddRequest, AbortRequests, FinishOutputs, StatsQuery, TokenizerInfo]
 
 
 class EngineInfo(_Internal, tag="engine_info"):
@@ -363,6 +381,7 @@ class EngineInfo(_Internal, tag="engine_info"):
     # Set when the scheduler refuses this frontend: its protocol version is not ours.
     refusal: str = ""
     kv_cache_bytes: int = 0  # one worker's KV cache (rank 0's; every rank holds the same share)
+    needs_tokenizer: bool = False  # no frontend has sent `TokenizerInfo` to this scheduler yet
 
 
 class TokenDelta(_Internal, tag="td"):
@@ -466,6 +485,18 @@ class StepPlan(_Internal, tag="plan"):
     swap_out: BlockPairs = field(default_factory=list)  # device -> host
     swap_in: BlockPairs = field(default_factory=list)  # host -> device
     copy: BlockPairs = field(default_factory=list)  # device -> device (copy-on-write)
+    # Indices into `scheduled` of the rows whose sampling is constrained by a grammar: rank 0
+    # runs the forward, then waits for this step's `StepMasks` before it samples.
+    masked_rows: list[int] = field(default_factory=list)
+
+
+class StepMasks(_Internal, tag="masks"):
+    """Sent to rank 0 right after a plan with `masked_rows`, filled while the worker runs its
+    forward: one row per masked row, in that order, of ceil(vocab_size / 32) little-endian
+    int32 words; bit j of word w allows token 32 * w + j."""
+
+    step_id: int
+    bitmask: bytes
 
 
 class Shutdown(_Internal, tag="shutdown"):
@@ -490,7 +521,7 @@ class Rejoin(_Internal, tag="w_rejoin"):
     reason: str = ""
 
 
-PlanMessage = Union[StepPlan, Shutdown, HelloAck, Rejoin]
+PlanMessage = Union[StepPlan, StepMasks, Shutdown, HelloAck, Rejoin]
 
 
 class StepResult(_Internal, tag="result"):

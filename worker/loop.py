@@ -50,6 +50,15 @@ HELLO_RETRY_S = 5.0
 EXIT_REJOIN = 75  # EX_TEMPFAIL: a tensor-parallel rank told to rejoin; restart it (with its peers)
 
 
+class Interrupted(Exception):
+    """A `Shutdown` or `Rejoin` came while a step waited for its grammar masks: the step is
+    dropped (the scheduler is stopping, or no longer counts us) and the message acted on."""
+
+    def __init__(self, msg: p.Shutdown | p.Rejoin) -> None:
+        super().__init__(type(msg).__name__)
+        self.msg = msg
+
+
 class WorkerLoop:
     def __init__(self, config: ServerConfig):
         from worker.model_runner import ModelRunner  # torch import happens here, after logging is set up
@@ -151,18 +160,27 @@ class WorkerLoop:
             if not sock.poll(min(POLL_MS, int(self._beat_every_s * 1000))):
                 continue
             msg = self._decode(sock.recv())
-            if msg is None or isinstance(msg, p.HelloAck):
+            if msg is None or isinstance(msg, (p.HelloAck, p.StepMasks)):  # masks of a dropped step
                 continue
+            code = self._act(sock, msg)
+            if code is not None:
+                return code
+
+    def _act(self, sock: zmq.Socket, msg: p.PlanMessage) -> int | None:
+        """Act on one message; the exit code when the worker must stop."""
+        while True:
             if isinstance(msg, p.Shutdown):
                 log.info("worker.shutdown", rank=self.rank, reason=msg.reason)
                 return self._stopped(f"scheduler: {msg.reason}")
             if isinstance(msg, p.Rejoin):
-                code = self._rejoin(sock, msg.reason)
-                if code is not None:
-                    return code
-                continue
+                return self._rejoin(sock, msg.reason)
             try:
-                result = self.runner.execute(msg)
+                result = self.runner.execute(msg, await_masks=lambda step_id: self._await_masks(sock, step_id))
+            except Interrupted as interrupted:
+                log.warning("worker.step_interrupted", rank=self.rank, step_id=msg.step_id,
+                            by=type(interrupted.msg).__name__)
+                msg = interrupted.msg
+                continue
             except Exception as e:
                 # The scheduler's view of this worker's cache is now unknown: fail loudly, let
                 # the supervisor (or systemd) restart us.
@@ -172,6 +190,25 @@ class WorkerLoop:
                 return 1
             if self.rank == 0:
                 self._send(sock, result)
+            return None
+
+    def _await_masks(self, sock: zmq.Socket, step_id: int) -> bytes:
+        """Step `step_id`'s grammar masks, sent by the scheduler right after its plan (they are
+        usually here before the forward ends). Bounded by the scheduler's heartbeat timeout."""
+        timeout_s = self.config.scheduler.heartbeat_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while (left_s := deadline - time.monotonic()) > 0:
+            self.notifier.tick()
+            if not sock.poll(max(1, min(POLL_MS, int(left_s * 1000)))):
+                continue
+            msg = self._decode(sock.recv())
+            if isinstance(msg, p.StepMasks) and msg.step_id == step_id:
+                return msg.bitmask
+            if isinstance(msg, (p.Shutdown, p.Rejoin)):
+                raise Interrupted(msg)
+            log.error("worker.unexpected_message", rank=self.rank, waiting_for="masks", step_id=step_id,
+                      got=type(msg).__name__)
+        raise TimeoutError(f"the grammar masks of step {step_id} did not come within {timeout_s:.0f} s")
 
     def _decode(self, frame: bytes) -> p.PlanMessage | None:
         try:

@@ -26,6 +26,7 @@ from worker.activation_profile import profile_activation_peak
 from worker.attention import get_attention_backend
 from worker.cpu_linear import pack_linears, should_pack
 from worker.decode_graphs import Capture, DecodeGraphs, capture_sizes, cuda_capture
+from worker.grammar_mask import apply_grammar_masks
 from worker.input_batch import InputBatch, StepInputs
 from worker.kernel_build import cpu_kernel_status, prepare_cpu_kernel
 from worker.kv_cache import (GIB, KVCache, allocate_kv_cache, bytes_per_block, kv_cache_budget_bytes,
@@ -202,9 +203,10 @@ class ModelRunner:
         return self.group.gather_vocab(self.model.compute_logits(hidden), self.args.vocab_size)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, await_masks: Callable[[int], bytes] | None = None) -> StepResult:
         """Apply the plan's changes, run its chunks, return one token per scheduled sequence
-        (-1 where the chunk stops short of the sequence's known tokens)."""
+        (-1 where the chunk stops short of the sequence's known tokens). With `plan.masked_rows`,
+        rank 0 calls `await_masks(step_id)` after the forward for the grammar masks (`StepMasks`)."""
         started = time.perf_counter()
         self.batch.drop(plan.finished_seq_ids)
         if plan.swap_out:
@@ -229,19 +231,25 @@ class ModelRunner:
             if inputs.sampling is None:
                 self.batch.record(plan.scheduled, inputs, [])
             else:
-                self._sample(hidden, inputs, plan, result)
+                self._sample(hidden, inputs, plan, result, await_masks)
             # Host wall-clock (see StepResult.phase_times_s); plan changes above count as prepare.
             result.phase_times_s = {"prepare": forward_started - started, "forward": sample_started - forward_started,
                                     "sample": time.perf_counter() - sample_started}
         result.step_time_s = time.perf_counter() - started
         return result
 
-    def _sample(self, hidden: torch.Tensor, inputs: StepInputs, plan: StepPlan, result: StepResult) -> None:
+    def _sample(self, hidden: torch.Tensor, inputs: StepInputs, plan: StepPlan, result: StepResult,
+                await_masks: Callable[[int], bytes] | None) -> None:
         """Sample every row that reached its end; fill `result` (tokens, logprobs, prompt logprobs).
         With tensor parallelism rank 0 samples and broadcasts the tokens, so every rank's result
         has the same tokens; logprobs exist on rank 0 only (the only rank that answers)."""
         logits = self.compute_logits(hidden.index_select(0, inputs.logits_indices))
         if logits is not None:
+            if plan.masked_rows:
+                if await_masks is None:
+                    raise RuntimeError(f"step {plan.step_id} has grammar masks and nothing to receive them")
+                row_of = {position: i for i, position in enumerate(inputs.sampled_positions)}
+                apply_grammar_masks(logits, await_masks(plan.step_id), [row_of[r] for r in plan.masked_rows])
             out = self.sampler.sample(logits, inputs.sampling, self.batch.sampling)
             token_ids, logprobs = out.token_ids, out.logprobs
         else:

@@ -15,6 +15,7 @@ import msgspec
 from msgspec import Struct
 
 from frontend.http.errors import ApiError, bad_field
+from shared.structured import StructuredOutputs
 
 # Accepted and ignored (docs/http.md). logit_bias is accepted only empty (translate.py).
 IGNORED = ("user", "service_tier", "store", "metadata", "parallel_tool_calls", "prompt_cache_key",
@@ -56,6 +57,13 @@ class _Sampling(_Body, kw_only=True):
     priority: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured output: vLLM's object, or its older guided_* fields (frontend/http/structured.py)
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
     # accepted, ignored (IGNORED)
     user: str | None = None
     service_tier: str | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from frontend.http.bodies import ChatBody, CompletionBody, _Sampling
 from frontend.http.errors import bad_field, model_not_found
+from frontend.http.structured import structured_outputs
 from shared import protocol as p
 
 
@@ -52,10 +53,6 @@ def _check_common(body: _Sampling, served_model: str) -> None:
         raise model_not_found(body.model)
     if body.logit_bias:
         raise bad_field("logit_bias", "logit_bias is not supported (only an empty one is accepted)")
-    kind = body.response_format.get("type") if isinstance(body.response_format, dict) else body.response_format
-    if kind not in (None, "text"):
-        raise bad_field("response_format", f"response_format {kind!r} is not supported: only text "
-                                           f"(structured output is not served yet)")
     if body.stream_options is not None and not body.stream:
         raise bad_field("stream_options", "stream_options needs stream: true")
 
@@ -69,6 +66,7 @@ def _params(body: _Sampling, max_tokens: int | None, logprobs: int | None) -> p.
                             ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, logprobs=logprobs,
                             skip_special_tokens=body.skip_special_tokens,
                             include_stop_str_in_output=body.include_stop_str_in_output,
+                            structured_outputs=structured_outputs(body),
                             **{k: v for k, v in given.items() if v is not None})
 
 

@@ -20,6 +20,7 @@ from frontend.http.translate import chat_generate, completion_generate
 from shared import protocol as p
 from shared.config import FrontendConfig
 from shared.drain import Drain
+from shared.structured import StructuredOutputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -75,7 +76,9 @@ def test_fields_we_cannot_honour_are_refused_by_name():
             (completion, {"prompt": [True]}, "prompt"),
             (completion, {"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
             (completion, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-            (chat, {"response_format": {"type": "json_object"}}, "response_format"),
+            (chat, {"response_format": {"type": "xml"}}, "response_format"),
+            (chat, {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+            (chat, {"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
             (chat, {"tools": [{}]}, "tools"),
             (chat, {"tool_choice": "required"}, "tool_choice"),
             (chat, {"top_logprobs": 2}, "top_logprobs"),
@@ -92,6 +95,20 @@ def test_fields_we_cannot_honour_are_refused_by_name():
     chat(messages=[{"role": "assistant", "content": "a", "refusal": None, "tool_calls": None, "audio": None,
                     "function_call": None, "annotations": []}], response_format={"type": "text"}, tool_choice="none",
          parallel_tool_calls=False, store=False, metadata={})
+
+
+def test_structured_output_fields_map_to_one_constraint():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    rf = chat(response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}})
+    assert rf.params.structured_outputs == StructuredOutputs(json=schema)
+    any_object = chat(response_format={"type": "json_object"}).params.structured_outputs
+    assert any_object == StructuredOutputs(json_object=True)
+    assert chat(response_format={"type": "text"}).params.structured_outputs is None
+    vllm = completion(prompt="x", structured_outputs={"choice": ["a", "b"]})
+    assert vllm.params.structured_outputs == StructuredOutputs(choice=["a", "b"])
+    legacy = completion(prompt="x", guided_json=schema, guided_whitespace_pattern=" ?")
+    assert legacy.params.structured_outputs == StructuredOutputs(json=schema, whitespace_pattern=" ?")
+    assert completion(prompt="x", guided_regex="[0-9]+").params.structured_outputs.regex == "[0-9]+"
 
 
 def test_docs_list_every_ignored_field():

@@ -1,6 +1,6 @@
 """The CLI against a running server, as a user runs it: `--pid-file` names exactly this server,
-`generate --json` carries the finish reason, an answer cut short by a drain exits non-zero and says
-so, and `stats` into a closed pipe exits quietly."""
+`generate --json` carries the finish reason, `--json-schema` shapes the answer, an answer cut short
+by a drain exits non-zero and says so, and `stats` into a closed pipe exits quietly."""
 
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ def test_pid_file_json_answer_closed_pipe_and_a_cut_short_answer(tmp_path):
         assert answer.returncode == 0, answer.stderr
         out = json.loads(answer.stdout)
         assert out["text"].startswith("The capital of France is Paris") and out["finish_reason"] == "stop"
+
+        schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                  "required": ["city"], "additionalProperties": False}
+        (tmp_path / "schema.json").write_text(json.dumps(schema))
+        shaped = subprocess.run([*CLI, "generate", "--server", srv.address, "--json", "--json-schema",
+                                 str(tmp_path / "schema.json"), "What is the capital of France?"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert shaped.returncode == 0, shaped.stderr
+        assert set(json.loads(json.loads(shaped.stdout)["text"])) == {"city"}
 
         piped = subprocess.run(f"{sys.executable} -m launcher stats --json --server {srv.address} | head -c 10; "
                                f"exit ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash", cwd=ROOT,

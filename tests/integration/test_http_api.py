@@ -138,13 +138,30 @@ def test_logprobs_equal_the_sdk_path(srv):
     assert all(bytes(c.bytes).decode() == c.token for c in content)
 
 
+def test_structured_output_through_the_openai_client(srv):
+    client = api(srv)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "country": {"enum": ["France", "Spain"]}},
+              "required": ["city", "country"], "additionalProperties": False}
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=60, response_format={
+        "type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}})
+    place = json.loads(reply.choices[0].message.content)
+    assert set(place) == {"city", "country"} and place["country"] in ("France", "Spain")
+    choice = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5,
+                                       extra_body={"structured_outputs": {"choice": ["red", "blue"]}})
+    assert choice.choices[0].text in ("red", "blue") and choice.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=PROMPT, extra_body={"guided_regex": "[a-"})
+    assert e.value.body["code"] == "invalid_request" and "regex" in e.value.body["message"]
+
+
 def test_every_error_status_from_a_real_bad_request(srv):
     client = api(srv)
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=PROMPT, temperature=-1)
     assert e.value.body["param"] == "temperature" and e.value.body["code"] == "invalid_request"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=CHAT, response_format={"type": "json_object"})
+        client.chat.completions.create(model=MODEL, messages=CHAT, response_format={"type": "json_schema"})
     assert e.value.body["param"] == "response_format"
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1_000_000)

@@ -2,7 +2,8 @@
 
 1. `serve --tensor-parallel-size 3` with the default model (9 query heads, 3 KV heads): 6
    concurrent greedy requests through a KV cache too small for them (forced preemption) give
-   transformers' tokens, which the TP=1 server gives too (tests/integration/test_serve.py).
+   transformers' tokens, which the TP=1 server gives too (tests/integration/test_serve.py); two
+   structured requests beside them match their regex and choice (rank 0 alone applies the masks).
 2. The roles started separately, as systemd units would be, with a small random-weight Llama
    (8 query heads, 4 KV heads) at TP=2: concurrent greedy requests with preemption equal to
    transformers; then one rank is killed mid-request: the group fails as one (the request ends
@@ -19,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import re
 import threading
 import time
 
@@ -33,6 +35,7 @@ from test_operations import check_events_against_docs  # noqa: E402
 from shared.client import AsyncClient, Client
 from shared.models import resolve_model
 from shared.protocol import SamplingParams
+from shared.structured import StructuredOutputs
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +57,13 @@ def test_default_model_at_tp3_serves_concurrent_streams_with_preemption(tmp_path
                         "--block-size", "16")
     try:
         params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-        results = asyncio.run(_generate_all(srv.address, [dict(prompt=p, params=params) for p in PROMPTS]))
+        # Two structured requests ride along: rank 0 alone gets their masks and samples for all ranks.
+        shaped = [dict(prompt="Call me at", params=SamplingParams(max_tokens=20, temperature=1.0, seed=3,
+                       structured_outputs=StructuredOutputs(regex=r" [0-9]{3}-[0-9]{4}"))),
+                  dict(prompt="The sky is", params=SamplingParams(max_tokens=20, temperature=1.0, seed=4,
+                       structured_outputs=StructuredOutputs(choice=[" blue", " green"])))]
+        everything = asyncio.run(_generate_all(srv.address, [dict(prompt=p, params=params) for p in PROMPTS] + shaped))
+        results, (phone, sky) = everything[:len(PROMPTS)], everything[len(PROMPTS):]
         with Client(srv.address) as c:
             stats = c.stats()
     finally:
@@ -63,6 +72,7 @@ def test_default_model_at_tp3_serves_concurrent_streams_with_preemption(tmp_path
         assert 4 <= len(completion.prompt_token_ids) <= 18
         assert completion.token_ids == hf_greedy(model, completion.prompt_token_ids, 30), completion.prompt_token_ids
     assert sum(r.num_preemptions for r in results) > 0 and srv.named("request.preempted")
+    assert re.fullmatch(r" [0-9]{3}-[0-9]{4}", phone.text) and sky.text in (" blue", " green")
     assert stats["kv_blocks_total"] == 4 and stats["workers_ready"] == 3
     assert sorted(e["rank"] for e in srv.named("scheduler.worker_joined")) == [0, 1, 2]
     assert sorted(e["rank"] for e in srv.named("worker.loaded")) == [0, 1, 2]

@@ -42,6 +42,18 @@ def test_generate_names_max_tokens(value):
     assert proc.returncode == 2 and f"max_tokens must be >= 1, got {value}" in proc.stderr
 
 
+def test_generate_structured_flags_are_checked_before_any_request(tmp_path):
+    bad_schema = tmp_path / "schema.json"
+    bad_schema.write_text("{not json")
+    not_json = "structured_outputs: json: the schema is not valid JSON"
+    for args, message in [(("--json-schema", str(bad_schema)), not_json),
+                          (("--json-schema", str(tmp_path / "missing.json")), "No such file"),
+                          (("--regex", "[0-9]+", "--choice", "a"), "set exactly one of"),
+                          (("--choice", "a", "--choice", ""), "every choice must be a non-empty string")]:
+        proc = pagedserve("generate", *args, "hi")
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
 def test_a_missing_model_is_one_line_before_any_role_starts(tmp_path):
     missing = str(tmp_path / "nonexistent")
     for role in ("serve", "worker", "frontend"):

@@ -64,7 +64,7 @@ def test_a_worker_of_another_protocol_version_is_shut_down():
         link.receive(b"w-old", p.encode(hello(protocol_version=1)))
     (ident, msg), = router.sent
     assert ident == b"w-old" and isinstance(msg, p.Shutdown)
-    assert "protocol version 1" in msg.reason and "version 2" in msg.reason
+    assert "protocol version 1" in msg.reason and f"version {p.PROTOCOL_VERSION}" in msg.reason
     (event,) = [e for e in logs if e["event"] == "scheduler.worker_rejected"]
     assert event["reason"] == msg.reason
     assert link.scheduler is None and not link.group.members and not ready
@@ -81,9 +81,9 @@ def test_a_frontend_of_another_protocol_version_is_refused_and_otherwise_ignored
     assert [ident for ident, _ in router.sent] == [b"fe-old", b"fe-old"]
     info = router.sent[0][1]
     assert isinstance(info, p.EngineInfo) and not info.ready and info.scheduler_id == "sched-1"
-    assert "protocol version 1" in info.refusal and "version 2" in info.refusal
+    assert "protocol version 1" in info.refusal and f"version {p.PROTOCOL_VERSION}" in info.refusal
     refused = [e for e in logs if e["event"] == "scheduler.frontend_refused"]
-    assert len(refused) == 1 and refused[0]["protocol_version"] == 1 and refused[0]["expected"] == 2
+    assert len(refused) == 1 and refused[0]["protocol_version"] == 1 and refused[0]["expected"] == p.PROTOCOL_VERSION
     assert [e["event"] for e in logs if e["event"] == "scheduler.unknown_frontend"] == ["scheduler.unknown_frontend"]
 
 

@@ -135,7 +135,8 @@ def test_peers_of_another_protocol_version_are_refused_by_the_process(tmp_path):
         assert isinstance(refused, p.Shutdown) and "protocol version 1" in refused.reason
         g.frontend.send(p.encode(p.FrontendHello("fe")))  # version 1
         info = g.recv(g.frontend)
-        assert not info.ready and "protocol version 1" in info.refusal and "version 2" in info.refusal
+        assert not info.ready and "protocol version 1" in info.refusal
+        assert f"version {p.PROTOCOL_VERSION}" in info.refusal
         g.frontend.send(p.encode(p.StatsQuery("q")))
         assert g.recv(g.frontend, 1000) is None, "a refused frontend is not answered"
     finally:

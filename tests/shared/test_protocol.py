@@ -68,8 +68,8 @@ def test_shared_never_imports_torch():
 
 def test_frames_of_protocol_version_1_still_decode():
     """Version 2 moved stop-string finishes out of AbortRequests (into FinishOutputs) and added
-    protocol_version to the hellos: a version-1 peer's frames decode, and say version 1, so
-    the scheduler can refuse that peer by name instead of misreading it."""
+    protocol_version to the hellos (3 added structured output): a version-1 peer's frames decode,
+    and say version 1, so the scheduler can refuse that peer by name instead of misreading it."""
     import msgspec
 
     old_abort = msgspec.msgpack.encode(["abort", ["a"], [["b", 1]]])  # request_ids, stop_outputs
@@ -77,4 +77,4 @@ def test_frames_of_protocol_version_1_still_decode():
     old_hello = msgspec.msgpack.encode(["fe_hello", "fe-1"])
     assert p.decoder_for(p.FrontendMessage).decode(old_hello).protocol_version == 1
     new_hello = p.FrontendHello("fe-1", protocol_version=p.PROTOCOL_VERSION)
-    assert p.decoder_for(p.FrontendMessage).decode(p.encode(new_hello)).protocol_version == p.PROTOCOL_VERSION == 2
+    assert p.decoder_for(p.FrontendMessage).decode(p.encode(new_hello)).protocol_version == p.PROTOCOL_VERSION == 3

@@ -1,0 +1,48 @@
+"""What one sampled token means for its sequence and its delta: does it end the output, and
+what rides on the delta (logprobs, the first token's queue and prefill times). Pure functions
+of the scheduler's state: `Scheduler.update` calls them for every token it appends."""
+
+from __future__ import annotations
+
+from scheduler.grammar_masks import accept
+from scheduler.sequence import Request, Sequence
+from shared.protocol import FinishReason, StepResult, TokenDelta
+
+_STOP = FinishReason.STOP.value
+_LENGTH = FinishReason.LENGTH.value
+_ERROR = FinishReason.ERROR.value
+
+
+def finish_reason(seq: Sequence, token: int, max_model_len: int) -> str | None:
+    """Checked after appending `token` to `seq` (its grammar, if any, moves over it here). EOS
+    and stop ids end it only from generated token number min_tokens on (0-based): the worker
+    masks them before that. A grammar that can go no further ends it with "stop"."""
+    reason = None
+    if token in seq.request.stop_token_ids and seq.num_output_tokens > seq.request.params.min_tokens:
+        reason = _STOP
+    elif seq.num_output_tokens >= seq.request.max_tokens or seq.num_tokens >= max_model_len:
+        reason = _LENGTH
+    if seq.grammar is not None:
+        verdict = accept(seq, token)
+        if verdict == "rejected":
+            return _ERROR
+        if verdict == "done" and reason is None:
+            return _STOP
+    return reason
+
+
+def time_first_token(request: Request, delta: TokenDelta, now: float) -> None:
+    """`delta` carries `request`'s first token (at `now`, the scheduler's clock): it reports the
+    queue and prefill times."""
+    request.first_token_at = now
+    scheduled = request.first_scheduled_at if request.first_scheduled_at is not None else now
+    delta.queue_time_s = round(max(0.0, scheduled - request.received_at), 6)
+    delta.prefill_time_s = round(max(0.0, now - scheduled), 6)
+
+
+def attach_logprobs(delta: TokenDelta, result: StepResult, i: int) -> None:
+    """Copy row `i`'s logprobs (if the worker sent any) onto its delta."""
+    if result.logprobs and result.logprobs[i] is not None:
+        delta.logprobs = [result.logprobs[i]]
+    if result.prompt_logprobs and result.prompt_logprobs[i]:
+        delta.prompt_logprobs = result.prompt_logprobs[i]
