@@ -1,7 +1,7 @@
 """Structured output through the real server on the default model (float32): 32 JSON Schemas
 sampled at temperature 1.0 with several seeds all parse and validate; regex and choice outputs
 match; n=4 and forced preemption (recompute here, swap on a second server) keep every output
-valid; unconstrained neighbours' tokens are unchanged; greedy constrained output equals
+valid; neighbours change no one's tokens (seeded, constrained or not); greedy constrained output equals
 transformers' logits under the same llguidance mask, token for token."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_every_schema_sample_validates_and_regex_and_choice_match(srv):
     assert after["structured_masks"] > before["structured_masks"] and after["structured_awaiting_grammar"] == 0
 
 
-def test_unconstrained_tokens_are_unchanged_by_constrained_neighbours(srv):
+def test_neighbours_do_not_change_tokens_constrained_or_not(srv):
     free = [(_chat(f"Write a line about the number {i}."), SamplingParams(max_tokens=24, seed=i, ignore_eos=True))
             for i in range(6)]
     constrained = [(_chat("A person as JSON."), SamplingParams(max_tokens=120, seed=i,
@@ -86,6 +86,9 @@ def test_unconstrained_tokens_are_unchanged_by_constrained_neighbours(srv):
     alone = asyncio.run(_many(srv.address, free))
     mixed = asyncio.run(_many(srv.address, [job for pair in zip(free, constrained) for job in pair]))
     assert [r.token_ids for r in alone] == [r.token_ids for r in mixed[0::2]]
+    # A seeded constrained request gives the same tokens alone as in that batch.
+    shaped_alone = [asyncio.run(_many(srv.address, [job]))[0] for job in constrained[:2]]
+    assert [r.token_ids for r in shaped_alone] == [r.token_ids for r in mixed[1:4:2]]
 
 
 def test_a_bad_grammar_fails_alone_with_its_reason(srv):
