@@ -37,7 +37,7 @@ class BatchPolicy:
     sequences are served first and the preemption victim (lowest priority,
     then latest arrival) is always `running[-1]`.
 
-    Order within a step, `batching_policy` "decode_first" (the default): every
+    Order within a step, `batching_policy` "decode_first" (opt-in): every
     running decode gets its token; then the step's token budget (`StepBudget`:
     max_num_batched_tokens, or what the step-time model allows within
     `target_tpot_ms` while anything decodes) goes to prefill chunks of at most
@@ -47,7 +47,7 @@ class BatchPolicy:
     and recomputing alike, in policy order). So a prefill never delays a decode,
     and under overload the queue grows, not the step.
 
-    "fcfs" (the policy before decode_first, kept to compare): running sequences
+    "fcfs" (the default): running sequences
     in policy order each take their next chunk (one token for a decode, up to the
     whole budget for a prefill); then swapped, then waiting, as above; no cap, no
     target. Either way admissions and swap-ins keep the watermark free unless
@@ -73,7 +73,7 @@ class BatchPolicy:
         enable_chunked_prefill: bool = True,
         preemption_mode: PreemptionMode = "recompute",
         on_preempt: OnPreempt = lambda seq, cause, mode: None,
-        batching_policy: str = "decode_first",  # or "fcfs" (shared/config.py)
+        batching_policy: str = "fcfs",  # or "decode_first" (shared/config.py)
         chunk_cap: int = 0,
         target_tpot_ms: float | None = None,
     ) -> None:

@@ -3,7 +3,7 @@ list when blocks run out. Two orders (`--batching-policy`):
 
 * decode_first (`schedule_decode_first`): every decode gets its token, then the
   running prefills get chunks of what is left of the step's budget;
-* fcfs (`schedule`, the policy before): each sequence in policy order its next
+* fcfs (`schedule`, the default): each sequence in policy order its next
   chunk (one token for a decode, up to the token budget for a prefill), so a
   prefill ahead of decodes can leave them nothing."""
 

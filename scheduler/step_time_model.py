@@ -83,8 +83,3 @@ class StepTimeModel:
     def predict_ms(self, tokens: int) -> float | None:
         fit = self.fit()
         return None if fit is None else fit.predict_ms(tokens)
-
-    def tokens_within(self, ms: float) -> int | None:
-        """The most tokens a step may compute within `ms`; None while nothing is known."""
-        fit = self.fit()
-        return None if fit is None else fit.tokens_within(ms)

@@ -17,13 +17,13 @@ def test_a_linear_machine_is_learned_exactly():
     assert not fit.proportional
     assert fit.fixed_ms == pytest.approx(20.0) and fit.ms_per_token == pytest.approx(0.25)
     assert model.predict_ms(200) == pytest.approx(70.0)
-    assert model.tokens_within(70.0) in (199, 200)  # float rounding at the boundary
-    assert model.tokens_within(20.0) == 0 and model.tokens_within(5.0) == 0
+    assert model.fit().tokens_within(70.0) in (199, 200)  # float rounding at the boundary
+    assert model.fit().tokens_within(20.0) == 0 and model.fit().tokens_within(5.0) == 0
 
 
 def test_nothing_known_before_the_first_step_and_bad_samples_are_ignored():
     model = StepTimeModel()
-    assert model.fit() is None and model.tokens_within(100.0) is None and model.predict_ms(10) is None
+    assert model.fit() is None and model.predict_ms(10) is None
     model.observe(0, 50.0)
     model.observe(10, float("nan"))
     model.observe(10, -1.0)
@@ -37,7 +37,7 @@ def test_steps_of_one_size_give_the_proportional_model_which_errs_on_the_slow_si
         model.observe(32, 64.0)  # 32 decodes: 40 ms fixed + 0.75 ms per token, say; one size cannot tell
     fit = model.fit()
     assert fit.proportional and fit.ms_per_token == pytest.approx(2.0)
-    assert model.tokens_within(100.0) == 50  # the true machine would allow 80: the budget errs small
+    assert model.fit().tokens_within(100.0) == 50  # the true machine would allow 80: the budget errs small
 
 
 def test_a_fit_that_does_not_grow_with_tokens_falls_back_to_proportional():
