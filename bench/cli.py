@@ -1,7 +1,8 @@
 """`pagedserve bench throughput|serve`: pagedserve against peers, on the same requests in the same run.
 
-    pagedserve bench throughput [--num-prompts 48] [--peers cb static] [--dtype float32]
+    pagedserve bench throughput [--num-prompts 48] [--peers vllm,llamacpp,cb,static] [--dtype float32]
     pagedserve bench serve --request-rate 0.5 1 2 inf [--burstiness 1.0] [--max-concurrency N]
+    pagedserve bench serve ... --peers http,vllm,llamacpp
     pagedserve bench serve ... --variant "before=--batching-policy fcfs" --variant "after=--target-tpot-ms 60"
     pagedserve bench serve --backend openai --base-url http://127.0.0.1:8000 [--model NAME]
     ... [--goodput ttft:500 tpot:100]
@@ -9,9 +10,11 @@
     pagedserve bench structured [--num-seqs 64] [--rounds 2]                 (bench/structured.py)
 
 throughput submits every request at once through a running system (started here
-unless --server is given), then runs the peers (bench/peers.py) on the same
-requests with the server stopped, so no two engines share the machine. serve
-sends Poisson (gamma, with --burstiness) arrivals at each rate, one run per rate.
+unless --server is given), then runs the peers (bench/peer_runs.py: vLLM and
+llama.cpp set up once in a cache, transformers) on the same requests with the
+server stopped, so no two engines share the machine. serve sends Poisson (gamma,
+with --burstiness) arrivals at each rate, one run per rate, to pagedserve and then
+to each peer's OpenAI server (bench/serve_peers.py).
 --backend openai drives any OpenAI-compatible server at --base-url instead
 (bench/targets.py): nothing is started and no peers run.
 Results: JSON under --out (default bench/results/), PNG plots when matplotlib is
@@ -30,16 +33,17 @@ import sys
 import time
 
 from bench import plots, report
+from bench.beam_throughput import add_arguments as add_beam_arguments, beam_throughput
 from bench.goodput import slo_item, slos_ms
-from bench.metrics import summarize
-from bench.progress import ProgressBar
+from bench.peer_runs import (PEER_NAMES, SERVE_PEERS, THROUGHPUT_PEERS, check_peers, greedy_agreement, peers_item,
+                             throughput_peer)
+from bench.serve_peers import serve_with_peers
 from bench.serve_variants import check_variant_flags, serve_variants, variant_item
 from bench.targets import check_backend_flags, open_target, prepare_openai
-from bench.workload import load_requests
+from bench.workload import requests_for_args as _requests
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-PEERS = ("cb", "static")
-PEER_NAMES = {"cb": "transformers CB", "static": "transformers static"}
+DEFAULT_PEERS = ["cb", "static"]  # throughput; vllm and llamacpp take minutes to set up the first time
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,12 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
         m.add_argument("--tag", default=None,
                        help="file name stem (default: mode-device-dtype; mode-openai-model with --backend openai)")
         m.add_argument("--no-plots", action="store_true")
+        peers = THROUGHPUT_PEERS if mode == "throughput" else SERVE_PEERS
+        m.add_argument("--peers", nargs="*", type=peers_item, default=None, metavar="PEER[,PEER]",
+                       help=f"engines run after pagedserve on the same requests: {', '.join(peers)}"
+                            + (f" (default: {' '.join(DEFAULT_PEERS)})" if mode == "throughput" else ""))
         if mode == "throughput":
-            m.add_argument("--peers", nargs="*", choices=PEERS, default=None,
-                           help="default: both with --backend zmq, none with openai")
             m.add_argument("--static-batch-size", type=int, default=8)
             m.add_argument("--probe-batch", type=int, default=64,
                            help="after the run, measure decode phases with this many sequences (0: skip)")
+            add_beam_arguments(m)
         else:
             m.add_argument("--request-rate", type=float, nargs="+", default=[0.5, 1.0, 2.0, math.inf],
                            help="requests per second; inf sends all at once")
@@ -97,36 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one server, the SDK and the HTTP API on the same requests: `... http-vs-zmq --help`")
     modes.add_parser("structured", add_help=False,
                      help="decode step time with every sequence JSON-constrained vs none: `... structured --help`")
+    modes.add_parser("data-parallel", add_help=False,
+                     help="routing policies between engine replicas, multi-turn: `... data-parallel --help`")
     return parser
-
-
-def _requests(args):
-    from frontend.tokenizer import Tokenizer
-    from shared.models import ModelNotFound, resolve_model
-
-    tokenizer = None
-    if args.dataset != "synthetic":
-        # A random-weight model's tokenizer is synthetic, and a served model's name is no local
-        # model: measure ShareGPT's lengths with the default model's tokenizer when it is
-        # installed (ids stay inside any preset's vocabulary).
-        default = "default" if args.random_weights or args.backend == "openai" else args.model
-        try:
-            tokenizer = Tokenizer(resolve_model(args.tokenizer or default))
-        except ModelNotFound:
-            if args.dataset == "sharegpt" or args.tokenizer:
-                raise
-            args.dataset = "synthetic"
-    source, requests = load_requests(args.num_prompts, args.seed, args.dataset, tokenizer,
-                                     vocab_size=min(49152, args.vocab_size))
-    if args.random_weights:  # ids inside the preset's vocabulary, clear of its special tokens
-        requests = [type(r)([3 + i % (args.vocab_size - 3) for i in r.prompt_ids], r.output_len) for r in requests]
-    if args.max_output_len:
-        requests = [type(r)(r.prompt_ids, min(r.output_len, args.max_output_len)) for r in requests]
-    prompt = sum(len(r.prompt_ids) for r in requests) / len(requests)
-    output = sum(r.output_len for r in requests) / len(requests)
-    print(f"{len(requests)} {source} requests: prompt {prompt:.0f}, output {output:.0f} tokens on average",
-          file=sys.stderr)
-    return source, requests
 
 
 def _server_flags(args) -> list[str]:
@@ -135,21 +115,6 @@ def _server_flags(args) -> list[str]:
     dummy = ["--load-format", "dummy"] if args.random_weights else []
     return ["--model", args.model, "--dtype", args.dtype, "--device", args.device, *dummy,
             "--enable-prefix-caching", "false", "--stats-interval-s", "5", *args.server_arg]
-
-
-def _peer(name: str, args, requests) -> dict:
-    from bench import peers
-    from shared.models import resolve_model
-
-    files = resolve_model(args.model)
-    model = peers.load_hf_model(files.directory, files.gguf_file, args.dtype, args.device,
-                                random_weights=bool(args.random_weights))
-    bar = ProgressBar(PEER_NAMES[name], len(requests))
-    if name == "cb":
-        records, duration = peers.run_continuous_batching(model, requests, progress=bar)
-    else:
-        records, duration = peers.run_static_batches(model, requests, args.static_batch_size, progress=bar)
-    return {**summarize(records, duration, slos_ms(args.goodput)), "_records": records}
 
 
 def _stem(args) -> str:
@@ -194,10 +159,13 @@ def _header(args, mode: str, source: str, requests, target) -> dict:
 
 
 def _throughput_result(head: dict, engines: dict, baseline: str) -> dict:
+    """Engines measured (their "_" keys left out), our ratio to each, and the peers that could not run."""
     ours = engines[baseline]["output_tokens_per_s"]
-    return {**head, "engines": {name: {k: v for k, v in e.items() if k != "_records"} for name, e in engines.items()},
+    ran = {name: e for name, e in engines.items() if "unavailable" not in e}
+    return {**head, "engines": {name: {k: v for k, v in e.items() if not k.startswith("_")} for name, e in ran.items()},
             "ratios": {f"{baseline} / {name}": round(ours / e["output_tokens_per_s"], 3)
-                       for name, e in engines.items() if name != baseline and e["output_tokens_per_s"]}}
+                       for name, e in ran.items() if name != baseline and e["output_tokens_per_s"]},
+            "unavailable": {name: e["unavailable"] for name, e in engines.items() if "unavailable" in e}}
 
 
 def _print_notes(args, runs: dict[str, dict]) -> None:
@@ -223,12 +191,20 @@ def throughput(args) -> int:
     for name in args.peers:
         # Written after every engine: an interrupted run keeps what it measured.
         report.write_json(partial, _throughput_result(head, engines, target.name))
-        engines[PEER_NAMES[name]] = _peer(name, args, requests)
+        engines[PEER_NAMES[name]] = throughput_peer(name, args, requests)
     if os.path.exists(partial):
         os.remove(partial)
     result = _throughput_result(head, engines, target.name)
-    records = {name: engine.pop("_records") for name, engine in engines.items()}
+    ours = engines[target.name]["_records"]
+    result["greedy_agreement"] = {name: greedy_agreement(ours, e["_token_ids"])
+                                  for name, e in engines.items() if "_token_ids" in e}
+    records = {name: engine.pop("_records") for name, engine in engines.items() if "_records" in engine}
     print(report.throughput_table(result["engines"], baseline=target.name))
+    for name, agreement in result["greedy_agreement"].items():
+        print(f"{name}: greedy tokens identical to {target.name}'s on {agreement['identical']} of "
+              f"{agreement['compared']} requests")
+    for name, why in result["unavailable"].items():
+        print(f"{name}: UNAVAILABLE: {why.splitlines()[0]}")
     if args.backend == "zmq":
         print()
         print(report.phases_table(result["engines"][target.name].get("phases", {})))
@@ -240,9 +216,10 @@ def throughput(args) -> int:
 def serve(args) -> int:
     source, requests = _requests(args)
     os.makedirs(args.out, exist_ok=True)
-    if args.variant:
-        return serve_variants(args, requests, _server_flags(args),
-                              lambda target: _header(args, "serve", source, requests, target), _stem(args))
+    if args.variant or args.peers:
+        run = serve_variants if args.variant else serve_with_peers
+        return run(args, requests, _server_flags(args),
+                   lambda target: _header(args, "serve", source, requests, target), _stem(args))
     log_path = os.path.join(args.out, _stem(args) + ".server.log")
     with open_target(args, log_path, _server_flags(args)) as target:
         head = _header(args, "serve", source, requests, target)
@@ -273,9 +250,15 @@ def main(argv: list[str] | None = None) -> int:
 
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return structured(argv[1:])
+    if argv[:1] == ["data-parallel"]:
+        from bench.data_parallel import main as data_parallel
+
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        return data_parallel(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_backend_flags(parser, args, default_peers=list(PEERS))
+    check_backend_flags(parser, args, default_peers=DEFAULT_PEERS)
+    check_peers(parser, args)
     check_variant_flags(parser, args)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -284,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     _prepare_model(args)
     if args.backend == "openai":
         prepare_openai(args)
-    code = throughput(args) if args.mode == "throughput" else serve(args)
+    args.stem = _stem(args)
+    run = beam_throughput if vars(args).get("beam_width") else throughput if args.mode == "throughput" else serve
+    code = run(args)
     print(f"bench done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return code
 

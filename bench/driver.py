@@ -34,6 +34,7 @@ async def _one(client: AsyncClient, request: BenchRequest, record: RequestRecord
     async for delta in client.stream(request.prompt_ids, params):
         now = time.perf_counter() - started
         record.token_times_s.extend([now] * len(delta.token_ids))
+        record.token_ids.extend(delta.token_ids)
     record.num_output_tokens = len(record.token_times_s)
     if record.num_output_tokens != request.output_len:
         raise RequestFailed(f"asked for {request.output_len} tokens, got {record.num_output_tokens}")

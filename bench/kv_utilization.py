@@ -1,7 +1,9 @@
 """How much of the KV memory we allocate holds real tokens: ShareGPT replayed
 through the real scheduler and BlockManager, beside a contiguous max-length
 reservation replayed on the same requests in the same run, plus the blocks
-that parallel sampling (n = 2, 4, 8) saves by sharing the prompt's blocks.
+that parallel sampling (n = 2, 4, 8) saves by sharing the prompt's blocks, and
+that beam search (widths 2, 4, 6) saves by sharing every beam's common prefix
+(bench/beam_replay.py), next to the paper's figures.
 
     python bench/kv_utilization.py [--num-requests 1000] [--block-sizes 8 16 32]
 
@@ -31,12 +33,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import workload  # noqa: E402
+from bench.beam_replay import replay_beams  # noqa: E402
 from scheduler.scheduler import Scheduler  # noqa: E402
 from shared.config import ServerConfig  # noqa: E402
 from shared.protocol import AddRequest, SamplingParams, StepResult  # noqa: E402
 
 MAX_MODEL_LEN = workload.MAX_TOTAL_LEN  # tokens: the ShareGPT filter's bound and the contiguous reservation
 CAPACITY_TOKENS = 16384  # KV cache size for the utilization replays, in tokens
+# vLLM paper (SOSP'23), Fig. 15: KV memory saved by sharing, beam widths 2 to 6.
+PAPER_BEAM_SAVING = {"alpaca": (0.376, 0.552), "sharegpt": (0.443, 0.663)}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kv_utilization.json")
 
 
@@ -138,6 +143,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--sharing-requests", type=int, default=200, help="requests for the n = 2, 4, 8 replays")
+    parser.add_argument("--beam-requests", type=int, default=200, help="requests for the beam width 2, 4, 6 replays")
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic", action="store_true", help="skip ShareGPT, use synthetic lengths")
@@ -178,6 +184,11 @@ def main() -> int:
                       "blocks_saved": 1 - shared["blocks_allocated"] / apart["blocks_allocated"],
                       "block_steps_saved": 1 - shared["block_steps"] / apart["block_steps"]}
 
+    beam_subset = requests[:args.beam_requests]
+    beam_blocks = -(-sum(len(p) + len(o) for p, o in beam_subset) * 6 // 16) + 64
+    beams = {w: replay_beams(beam_subset, width=w, block_size=16, num_blocks=beam_blocks, max_model_len=MAX_MODEL_LEN)
+             for w in (2, 4, 6)}
+
     result = {
         "source": source, "num_requests": len(requests), "seed": args.seed,
         "prompt_tokens_mean": sum(prompt_lens) / len(requests), "output_tokens_mean": sum(output_lens) / len(requests),
@@ -186,6 +197,8 @@ def main() -> int:
         "paged": {str(bs): r for bs, r in paged.items()},
         "sharing_block_size": 16, "sharing_requests": len(subset),
         "sharing": {str(n): r for n, r in sharing.items()},
+        "beam_search_requests": len(beam_subset), "beam_search": {str(w): r for w, r in beams.items()},
+        "paper_beam_saving": PAPER_BEAM_SAVING,
         "elapsed_s": time.perf_counter() - started,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -203,6 +216,12 @@ def main() -> int:
     for n, r in sharing.items():
         print(f"  {n:>3}{r['blocks_allocated_shared']:>18}{r['blocks_allocated_separate']:>10}"
               f"{r['blocks_saved']:>8.1%}{r['block_steps_saved']:>19.1%}")
+    low, high = PAPER_BEAM_SAVING[source if source == "sharegpt" else "sharegpt"]
+    print(f"\nBeam search, block_size=16, {len(beam_subset)} requests: block-steps with sharing vs a copy per beam "
+          f"(paper, ShareGPT: {low:.1%}-{high:.1%} saved)")
+    print(f"  {'width':>5}{'shared':>12}{'copy per beam':>15}{'saved':>8}")
+    for w, r in beams.items():
+        print(f"  {w:>5}{r['block_steps_shared']:>12}{r['block_steps_copy_per_beam']:>15}{r['saved']:>8.1%}")
     goal = paged.get(16, {}).get("utilization")
     if goal is not None:
         print(f"\ngoal >= 98% at block_size=16: {'met' if goal >= 0.98 else 'NOT met'} ({goal:.2%})")

@@ -32,6 +32,7 @@ class RequestRecord:
     token_times_s: list[float] = field(default_factory=list)  # arrival time of each output token
     num_output_tokens: int = -1  # -1: len(token_times_s)
     error: str | None = None  # why the request failed; None: it completed
+    token_ids: list[int] = field(default_factory=list)  # the output, where the driver sees ids (not HTTP)
 
     @property
     def ok(self) -> bool:

@@ -84,7 +84,7 @@ def variants_table(variants: dict[str, dict]) -> str:
     """Per rate, one row per variant: throughput, TTFT, TPOT and ITL p50/p99 (ms), goodput."""
     runs = [run for v in variants.values() for run in v["rates"].values()]
     goodput = any("goodput" in run for run in runs)
-    rows = [f"{'rate':>6} {'variant':<10}{'out tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}"
+    rows = [f"{'rate':>6} {'engine':<16}{'out tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}"
             f"{'TPOT p99':>10}{'p99/p50':>8}{'ITL p50':>9}{'ITL p99':>9}{'over tgt':>9}"
             + (f"{'good req/s':>11}" if goodput else "") + "   (ms)"]
     rates = list(next(iter(variants.values()))["rates"])
@@ -94,7 +94,7 @@ def variants_table(variants: dict[str, dict]) -> str:
             tpot = s["tpot_ms"]
             ratio = tpot["p99"] / tpot["median"] if tpot["median"] else 0.0
             over = f"{s['steps_over_target']}/{s['steps']}" if s.get("steps") else "-"
-            rows.append(f"{rate:>6} {name:<10}{s['output_tokens_per_s']:>10.1f}{s['ttft_ms']['median']:>10.0f}"
+            rows.append(f"{rate:>6} {name:<16}{s['output_tokens_per_s']:>10.1f}{s['ttft_ms']['median']:>10.0f}"
                         f"{s['ttft_ms']['p99']:>10.0f}{tpot['median']:>10.1f}{tpot['p99']:>10.1f}{ratio:>8.2f}"
                         f"{s['itl_ms']['median']:>9.1f}{s['itl_ms']['p99']:>9.0f}{over:>9}"
                         + (f"{s['goodput']['requests_per_s']:>11.3f}" if "goodput" in s else ""))
@@ -138,7 +138,8 @@ def serve_variants(args, requests, server_flags: list[str], header: Callable, st
     print(variants_table(result["variants"]))
     if args.goodput:
         print(report.slo_line(slos_ms(args.goodput)))
-    runs = {f"{name} at {rate} req/s": run for name, v in result["variants"].items() for rate, run in v["rates"].items()}
+    runs = {f"{name} at {rate} req/s": run
+            for name, v in result["variants"].items() for rate, run in v["rates"].items()}
     for line in report.failure_lines(runs):
         print(line, file=sys.stderr)
     path = os.path.join(args.out, stem + ".json")

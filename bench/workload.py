@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass
 
 MAX_PROMPT_LEN = 1024  # tokens: longer ShareGPT prompts are dropped (vLLM's filter)
@@ -89,3 +90,33 @@ def load_requests(num: int, seed: int = 0, source: str = "auto", tokenizer=None,
                 raise
     pairs = synthetic_pairs(num, seed, vocab_size)
     return "synthetic", [BenchRequest(p, len(o)) for p, o in pairs]
+
+
+def requests_for_args(args) -> tuple[str, list[BenchRequest]]:
+    """The requests of a `pagedserve bench` run from its flags -> (source, requests); prints their sizes."""
+    from frontend.tokenizer import Tokenizer
+    from shared.models import ModelNotFound, resolve_model
+
+    tokenizer = None
+    if args.dataset != "synthetic":
+        # A random-weight model's tokenizer is synthetic, and a served model's name is no local
+        # model: measure ShareGPT's lengths with the default model's tokenizer when it is
+        # installed (ids stay inside any preset's vocabulary).
+        default = "default" if args.random_weights or args.backend == "openai" else args.model
+        try:
+            tokenizer = Tokenizer(resolve_model(args.tokenizer or default))
+        except ModelNotFound:
+            if args.dataset == "sharegpt" or args.tokenizer:
+                raise
+            args.dataset = "synthetic"
+    source, requests = load_requests(args.num_prompts, args.seed, args.dataset, tokenizer,
+                                     vocab_size=min(49152, args.vocab_size))
+    if args.random_weights:  # ids inside the preset's vocabulary, clear of its special tokens
+        requests = [type(r)([3 + i % (args.vocab_size - 3) for i in r.prompt_ids], r.output_len) for r in requests]
+    if args.max_output_len:
+        requests = [type(r)(r.prompt_ids, min(r.output_len, args.max_output_len)) for r in requests]
+    prompt = sum(len(r.prompt_ids) for r in requests) / len(requests)
+    output = sum(r.output_len for r in requests) / len(requests)
+    print(f"{len(requests)} {source} requests: prompt {prompt:.0f}, output {output:.0f} tokens on average",
+          file=sys.stderr)
+    return source, requests

@@ -28,9 +28,12 @@ SchedulerHandler = Callable[[p.SchedulerMessage], Awaitable[None] | None]
 class EngineClient:
     """Sends requests and aborts to the scheduler; hands every reply to `on_message`."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, addr: str, on_message: SchedulerHandler):
+    def __init__(self, ctx: zmq.asyncio.Context, addr: str, on_message: SchedulerHandler, curve=None):
+        """`curve`: `shared/curve.CurveKeys` for a scheduler behind CURVE (docs/data_parallel.md)."""
         self.frontend_id = uuid.uuid4().hex[:12]
         self._sock = make_dealer(ctx, identity=f"fe-{self.frontend_id}".encode())
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.connect(addr)
         self._addr = addr
         self._on_message = on_message

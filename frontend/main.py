@@ -4,6 +4,9 @@ systemd: READY=1 when the frontend logs `server.ready` (the scheduler and every
 worker are ready, requests are accepted from then on); WATCHDOG=1 from a task
 on the event loop, so a blocked loop stops the pings.
 
+SIGHUP: re-read `[routing] engines` from the config file; replicas join and leave
+(docs/data_parallel.md).
+
 Stopping: on SIGTERM (or SIGINT) new requests are refused with `shutting_down`
 and those in flight get drain_timeout_s to finish; then, or on a second signal,
 what is left ends with finish_reason "abort". Exit 0.
@@ -16,6 +19,7 @@ tokenizer loads: one line on stderr, exit 2, as the launcher does for a missing 
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 
 from shared.config import ServerConfig
@@ -30,7 +34,9 @@ DRAIN_POLL_S = 0.05
 FLUSH_ON_EXIT_MS = 2000  # let the last completions reach their clients
 
 
-def run_frontend(config: ServerConfig) -> int:
+def run_frontend(config: ServerConfig, reload=None) -> int:
+    """`reload()`: the config read again (launcher/flags.py `config_reloader`); on SIGHUP the
+    frontend takes its `[routing] engines` from it: replicas join and leave at runtime."""
     import uvloop
 
     from frontend.server import FrontendServer
@@ -43,7 +49,7 @@ def run_frontend(config: ServerConfig) -> int:
     signalled = asyncio.Event()  # set from the signal handler (on the loop), so the waits below wake at once
     drain = Drain(config.operations.drain_timeout_s, on_signal=signalled.set)
     server = FrontendServer(config, tokenizer, files.name, drain, http_keys=http_keys)
-    return uvloop.run(_serve_until_stopped(server, drain, signalled, Notifier()))
+    return uvloop.run(_serve_until_stopped(server, drain, signalled, Notifier(), reload))
 
 
 def _http_keys_or_exit(config: ServerConfig):
@@ -56,8 +62,11 @@ def _http_keys_or_exit(config: ServerConfig):
         raise SystemExit(2) from None
 
 
-async def _serve_until_stopped(server, drain: Drain, signalled: asyncio.Event, notifier: Notifier) -> int:
+async def _serve_until_stopped(server, drain: Drain, signalled: asyncio.Event, notifier: Notifier,
+                               reload=None) -> int:
     drain.install_on_loop(asyncio.get_running_loop())
+    if reload is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload_engines, server, reload)
     notifier.status("waiting for the scheduler and the workers")
     serving = asyncio.create_task(server.run())
     watchdog = asyncio.create_task(_ready_then_watchdog(server, notifier))
@@ -75,6 +84,19 @@ async def _serve_until_stopped(server, drain: Drain, signalled: asyncio.Event, n
         server.close(FLUSH_ON_EXIT_MS)
     log.info("frontend.stopped")
     return 0
+
+
+def _reload_engines(server, reload) -> None:
+    """SIGHUP: the engines list from the config file again (docs/data_parallel.md). A bad file
+    changes nothing."""
+    from shared.config_file import ConfigError
+
+    try:
+        config = reload()
+    except ConfigError as e:
+        log.error("frontend.reload_failed", error=str(e))
+        return
+    server.engine.set_engines(config.routing.resolved_engines(config.endpoints.scheduler_addr_for_frontends()))
 
 
 async def _ready_then_watchdog(server, notifier: Notifier) -> None:

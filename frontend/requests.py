@@ -42,7 +42,13 @@ class FrontendRequest:
     arrival_wall: float = 0.0
     held: bool = False
     attempt: int = 0
+    replica: int = -1  # the engine replica it was last sent to (frontend/replicas.py); -1: none yet
+    aborting: bool = False  # its client aborted it: an "abort" finish is the answer, not a replica's drain
     traceparent: str = ""  # the client's W3C traceparent, checked (frontend/metrics_trace.py); "" = none
+    # Beam search: output index -> (cumulative logprob, score), and the scheduler's KV figures
+    # for `request.finished` (TokenDelta.beam_stats).
+    beam_scores: dict[int, tuple[float, float]] = field(default_factory=dict)
+    beam_stats: dict[str, int] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:

@@ -41,9 +41,13 @@ class Resubmitter:
     Owns `scheduler_id` and `frontend_drops` (as last seen); reads and updates the requests in
     `table` (their `held` flag and engine ids) and sends through `engine`."""
 
-    def __init__(self, engine: EngineClient, table: RequestTable) -> None:
+    def __init__(self, engine: EngineClient, table: RequestTable, owns=None) -> None:
+        """`owns(req)`: whether `req` is on this scheduler (several replicas: frontend/replicas.py,
+        each with its own Resubmitter); every request by default. `resubmit_held` sends every held
+        request through `engine`, which picks its replica."""
         self._engine = engine
         self._table = table
+        self._owns = owns or (lambda req: True)
         self.scheduler_id = ""  # the scheduler process answering us ("" before the first reply)
         self.frontend_drops = 0  # EngineInfo.frontend_drops last seen
 
@@ -53,18 +57,19 @@ class Resubmitter:
         if self.scheduler_id and msg.scheduler_id != self.scheduler_id:
             self._hold_all()
             log.warning("frontend.scheduler_restarted", scheduler_id=msg.scheduler_id,
-                        requests_held=[req.request_id for req in self._table])
+                        requests_held=[req.request_id for req in self._table if req.held])
         elif self.scheduler_id and msg.frontend_drops != self.frontend_drops:
             # We were paused long enough for the scheduler to abort our requests: they are ours still.
             self._hold_all()
             log.warning("frontend.dropped_by_scheduler", drops=msg.frontend_drops,
-                        requests_held=[req.request_id for req in self._table])
+                        requests_held=[req.request_id for req in self._table if req.held])
         self.scheduler_id = msg.scheduler_id
         self.frontend_drops = msg.frontend_drops
 
     def _hold_all(self) -> None:
         for req in self._table:
-            req.held = True
+            if self._owns(req):
+                req.held = True
 
     @staticmethod
     def hold(req: FrontendRequest) -> None:

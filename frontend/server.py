@@ -8,9 +8,10 @@ client alone.
 The parts, each owning its state:
   RequestTable (frontend/requests.py)      the requests in flight, by request id and engine id
   ClientSocket (frontend/client_socket.py) the clients' ROUTER: CURVE, keepalives, gone clients
-  EngineClient (frontend/engine_client.py) the scheduler's DEALER: pings, requests, aborts
-  EngineStatus (frontend/engine_status.py) the scheduler's last EngineInfo: ready, limits
-  Resubmitter  (frontend/resubmit.py)      the scheduler's identity; holding and resubmitting
+  ReplicaSet   (frontend/replicas.py)      the engine replicas (one scheduler each; usually one):
+                                           per replica an EngineClient (DEALER: pings, requests,
+                                           aborts), EngineStatus, Resubmitter, PrefixIndex; routing
+  FleetStatus  (frontend/fleet_status.py)  the replicas' EngineInfos together: ready, limits, health
   Intake       (frontend/intake.py)        Generate -> validated, tokenized request
   ResponseStreamer (frontend/streams.py)   token deltas -> Deltas and Completions
   ReplyRouter  (frontend/http/replies.py)  replies to a ZeroMQ client, or to an HTTP request's queue
@@ -29,14 +30,14 @@ import msgspec
 import zmq.asyncio
 
 from frontend.client_socket import ClientSocket, request_id_of
-from frontend.engine_client import EngineClient
-from frontend.engine_status import EngineStatus
+from frontend.failover import Failover
+from frontend.fleet_status import FleetStatus
 from frontend.http.replies import ReplyRouter, is_http_client
 from frontend.intake import Intake
 from frontend.metrics_endpoint import frontend_metrics, serve_metrics
 from frontend.metrics_trace import message_trace_id, trace_id_of
+from frontend.replicas import Replica, ReplicaSet
 from frontend.requests import RequestTable
-from frontend.resubmit import Resubmitter
 from frontend.streams import ResponseStreamer
 from frontend.tokenizer import Tokenizer
 from shared import protocol as p
@@ -64,10 +65,10 @@ class FrontendServer:
         self.ctx = zmq.asyncio.Context()
         self.table = RequestTable()
         self.clients = ClientSocket(self.ctx, on_gone=self._client_gone)
-        self.engine = EngineClient(self.ctx, config.endpoints.scheduler_addr_for_frontends(),
-                                   self._on_engine_message)
-        self.status = EngineStatus(config.endpoints.listen)
-        self.resubmitter = Resubmitter(self.engine, self.table)
+        self.engine = ReplicaSet(self.ctx, config, self.table, self._on_replica_message)
+        self.status = FleetStatus(self.engine.replicas)
+        self.resubmitter = self.engine.replicas[0].resubmitter  # any one resubmits every held request
+        self.failover = Failover(self.engine, self.status, self.resubmitter, config.scheduler.stats_interval_s)
         self.intake = Intake(config, tokenizer, self.table, self.status, drain)
         self.replies = ReplyRouter(self.clients)
         self.metrics = frontend_metrics(config, model_name, self.engine, self.status)
@@ -76,18 +77,18 @@ class FrontendServer:
         self._decoder = p.decoder_for(p.ClientMessage)
         self.rejected = 0
         self.tokenizer = tokenizer
-        self._tokenizer_sent_to = ""  # the scheduler id that has our TokenizerInfo
+        self._tokenizer_sent_to: set[str] = set()  # the scheduler ids that have our TokenizerInfo
 
     # -- main loop ----------------------------------------------------------
     async def run(self) -> None:
         listen = self.config.endpoints.listen
         self.clients.listen(listen, self.config.frontend)
-        log.info("frontend.listening", listen=listen, scheduler=self.config.endpoints.scheduler_addr_for_frontends(),
-                 curve=self.clients.curve)
+        log.info("frontend.listening", listen=listen, scheduler=self.engine.replicas[0].addr,
+                 engines=[r.addr for r in self.engine.replicas], curve=self.clients.curve)
         if self.http is not None:
             self.http.bind()
-        tasks = [asyncio.create_task(self.engine.run()), asyncio.create_task(self.engine.ping_loop()),
-                 asyncio.create_task(self._client_loop()),
+        tasks = [asyncio.create_task(self.engine.run()),
+                 asyncio.create_task(self._client_loop()), asyncio.create_task(self.failover.liveness_loop()),
                  asyncio.create_task(self.clients.keepalive_loop(
                      lambda: ReplyRouter.socket_clients(self.table.clients())))]
         if self.http is not None:
@@ -156,29 +157,46 @@ class FrontendServer:
 
     # -- scheduler -> clients ----------------------------------------------------
     async def _on_engine_message(self, msg: p.SchedulerMessage) -> None:
-        if isinstance(msg, p.EngineOutputs):
+        """A message from the first (or only) replica."""
+        await self._on_replica_message(self.engine.replicas[0], msg)
+
+    async def _on_replica_message(self, replica: Replica, msg: p.SchedulerMessage) -> None:
+        self.engine.heard(replica)
+        if isinstance(msg, p.KvEvents):
+            await self.failover.on_kv_events(replica, msg)
+        elif isinstance(msg, p.EngineOutputs):
+            moved = False
             for delta in msg.deltas:
+                if self.failover.drained_away(replica, delta):  # a drain's deadline: not the client's abort
+                    moved = True
+                    continue
                 await self.streamer.on_delta(delta)
+            if moved:
+                await self.failover.resubmit_if_ready()
         elif isinstance(msg, p.RequestRejected):
             req = self.table.by_engine_id(msg.request_id)
             if req is None:
                 return
-            if msg.code == ErrorCode.UNAVAILABLE.value:  # a restarted scheduler without workers yet
+            if self.failover.refused(replica, msg.code):  # a scheduler without workers yet, or draining
                 self.resubmitter.hold(req)
+                await self.failover.resubmit_if_ready()
                 return
             self.table.forget(req)
             self.rejected += 1
             await self.replies.reply_error(req.client, req.request_id, msg.code, msg.message,
                                            trace_id_of(req.traceparent))
         elif isinstance(msg, p.EngineInfo):
-            self.resubmitter.notice(msg)
-            self.status.update(msg)
-            if msg.ready and msg.needs_tokenizer and self._tokenizer_sent_to != msg.scheduler_id:
+            was_healthy = replica.healthy
+            replica.resubmitter.notice(msg)
+            replica.status.update(msg)
+            self.status.refresh()
+            if msg.ready and msg.needs_tokenizer and msg.scheduler_id not in self._tokenizer_sent_to:
                 # Once per scheduler process, before any resubmission: it compiles grammars with it.
-                self._tokenizer_sent_to = msg.scheduler_id
-                await self.engine.send(p.TokenizerInfo(self.tokenizer.serialized()))
-            if self.status.ready:
-                await self.resubmitter.resubmit_held()
+                self._tokenizer_sent_to.add(msg.scheduler_id)
+                await replica.client.send(p.TokenizerInfo(self.tokenizer.serialized()))
+            if was_healthy and not replica.healthy:
+                self.failover.replica_down(replica, "workers_lost" if msg.ready else "not_ready")
+            await self.failover.resubmit_if_ready()
 
     async def abort_request(self, client: bytes, request_id: str) -> None:
         """`client` gives up `request_id` (an `Abort`, or an HTTP client gone): it ends with
@@ -189,6 +207,7 @@ class FrontendServer:
             if req.held:  # the scheduler has nothing to abort: finish it here
                 await self.streamer.abort(req)
             else:  # its abort deltas complete it
+                req.aborting = True
                 await self.engine.abort([req.engine_id])
 
     async def _client_gone(self, client: bytes, cause: str) -> None:

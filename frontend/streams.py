@@ -55,6 +55,9 @@ class ResponseStreamer:
             req.logprobs[delta.index].extend(delta.logprobs)
         if delta.prompt_logprobs:
             req.prompt_logprobs = delta.prompt_logprobs
+        if delta.beam_score is not None:  # a beam-search hypothesis, whole on this delta
+            req.beam_scores[delta.index] = (delta.cumulative_logprob, delta.beam_score)
+            req.beam_stats.update(delta.beam_stats)
         finish = "stop" if out.stopped else delta.finish_reason
         req.num_preemptions = max(req.num_preemptions, delta.num_preemptions)
         if req.stream:
@@ -84,7 +87,9 @@ class ResponseStreamer:
         now = time.monotonic()
         ttft = (req.first_token_at or now) - req.arrival
         outputs = [p.CompletionOutput(index=i, text=o.text, token_ids=o.token_ids, finish_reason=req.finish[i],
-                                      logprobs=req.logprobs[i] if req.logprobs is not None else None)
+                                      logprobs=req.logprobs[i] if req.logprobs is not None else None,
+                                      cumulative_logprob=req.beam_scores.get(i, (None, None))[0],
+                                      beam_score=req.beam_scores.get(i, (None, None))[1])
                    for i, o in enumerate(req.outputs)]
         prompt_logprobs = None
         if req.params.prompt_logprobs is not None:
@@ -93,7 +98,8 @@ class ResponseStreamer:
         self.finished += 1
         log.info("request.finished", request_id=req.request_id, prompt_tokens=len(req.prompt_ids),
                  completion_tokens=completion_tokens, ttft_s=round(ttft, 6), latency_s=round(now - req.arrival, 6),
-                 finish_reason=req.finish[0], num_preemptions=req.num_preemptions, **trace_fields(req))
+                 finish_reason=req.finish[0], num_preemptions=req.num_preemptions, **trace_fields(req),
+                 **req.beam_stats)
         self.observer.on_finished(req, completion_tokens, now)
         await self._clients.send(req.client, p.Completion(
             request_id=req.request_id, outputs=outputs, prompt_tokens=len(req.prompt_ids),

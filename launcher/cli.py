@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 
-from launcher.flags import add_server_flags, config_from_args
+from launcher.flags import add_server_flags, config_from_args, config_reloader
 from shared.config import ServerConfig
 
 ROLES = ("serve", "scheduler", "worker", "frontend")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(args.command, config.operations.log_level)
     try:
-        return _run_role(args.command, config, argv, getattr(args, "pid_file", None))
+        return _run_role(args.command, config, argv, getattr(args, "pid_file", None), config_reloader(args))
     except Exception:
         # Any fatal error: one JSON event with the traceback, then a non-zero exit.
         get_logger().exception(f"{args.command}.fatal")
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _run_role(command: str, config: ServerConfig, argv: list[str] | None, pid_file: str | None) -> int:
+def _run_role(command: str, config: ServerConfig, argv: list[str] | None, pid_file: str | None,
+              reload=None) -> int:
     if command == "serve":
         from launcher.supervisor import run_supervisor
 
@@ -121,7 +122,7 @@ def _run_role(command: str, config: ServerConfig, argv: list[str] | None, pid_fi
         return run_worker(config)
     from frontend.main import run_frontend
 
-    return run_frontend(config)
+    return run_frontend(config, reload)
 
 
 def _check_model_or_exit(command: str, config: ServerConfig) -> None:

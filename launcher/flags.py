@@ -31,7 +31,7 @@ def _default_text(field: msgspec.structs.FieldInfo) -> str:
     if field.default is msgspec.NODEFAULT and field.default_factory is msgspec.NODEFAULT:
         return ""
     default = field.default if field.default is not msgspec.NODEFAULT else field.default_factory()
-    if default is None or default == "":
+    if default is None or default == "" or default == []:
         return ""  # the help text says what an unset value means
     if isinstance(default, bool):
         return f" (default: {str(default).lower()})"
@@ -58,6 +58,15 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument("--" + field.name.replace("_", "-"), *ALIASES.get(field.name, []), dest=field.name,
                                default=None, metavar=_metavar(field, extra), choices=choices or None,
                                help=text.replace("%", "%%") + _default_text(field))
+
+
+def config_reloader(args: argparse.Namespace):
+    """A function that reads the config file and the same flags again (ConfigError when the file
+    is now bad): the frontend's SIGHUP takes `[routing] engines` from it (docs/data_parallel.md)."""
+    from shared.config import FIELD_SECTIONS
+
+    given = {name: getattr(args, name) for name in FIELD_SECTIONS if getattr(args, name, None) is not None}
+    return lambda: load_config(getattr(args, "config", None), given)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

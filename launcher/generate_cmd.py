@@ -12,6 +12,8 @@ import json
 import sys
 import time
 
+import msgspec
+
 from launcher.client_io import check_address_or_exit, quiet_broken_pipe
 from shared.client import Client, RequestError
 from shared.protocol import SamplingParams
@@ -39,6 +41,15 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
                      help="wait this long for the server to become ready (default: 0)")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object (text, finish_reason, token counts) instead of streaming text")
+    beams = gen.add_argument_group("beam search (prints the best hypotheses at the end, best first)")
+    beams.add_argument("--beam-width", type=int, default=0, metavar="W",
+                       help="beam search with W beams (best_of); 0: off (default: 0)")
+    beams.add_argument("-n", "--num-outputs", type=int, default=1, metavar="N",
+                       help="with --beam-width: hypotheses to print, at most W (default: 1)")
+    beams.add_argument("--length-penalty", type=float, default=1.0, metavar="P",
+                       help="a hypothesis scores sum(logprobs) / length ** P (default: 1.0)")
+    beams.add_argument("--early-stopping", choices=("true", "false", "never"), default="false",
+                       help="transformers' meanings: true stops once W hypotheses are done (default: false)")
     shape = gen.add_argument_group("structured output (at most one)")
     shape.add_argument("--json-schema", metavar="FILE", help="the answer is JSON valid against this JSON Schema file")
     shape.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
@@ -79,6 +90,11 @@ def run_generate(args) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
                                 structured_outputs=_structured(args))
+        if args.beam_width:
+            early = {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)
+            params = msgspec.structs.replace(params, use_beam_search=True, best_of=args.beam_width,
+                                             n=args.num_outputs, length_penalty=args.length_penalty,
+                                             early_stopping=early, temperature=0.0)
         params.validate()
     except (ValueError, OSError) as e:
         print(f"pagedserve generate: {e}", file=sys.stderr)
@@ -87,6 +103,8 @@ def run_generate(args) -> int:
         try:
             if args.wait > 0:
                 _wait_ready(client, args.wait)
+            if args.beam_width:
+                return _print_beams(client, args, params)
             stream = (client.stream(args.prompt, params) if args.raw
                       else client.stream_chat([{"role": "user", "content": args.prompt}], params))
             for delta in stream:
@@ -107,6 +125,27 @@ def run_generate(args) -> int:
             return 1
         except BrokenPipeError:
             return quiet_broken_pipe()
+    if reason in CUT_SHORT:
+        print(f"pagedserve generate: the answer was cut short (finish_reason {reason})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_beams(client: Client, args, params: SamplingParams) -> int:
+    """Beam search answers come whole at the end: print each hypothesis with its score."""
+    completion = (client.generate(args.prompt, params) if args.raw
+                  else client.chat([{"role": "user", "content": args.prompt}], params))
+    outputs = completion.outputs
+    if args.json:
+        print(json.dumps({"request_id": completion.request_id, "prompt_tokens": completion.prompt_tokens,
+                          "completion_tokens": completion.completion_tokens,
+                          "outputs": [{"text": o.text, "finish_reason": o.finish_reason, "beam_score": o.beam_score,
+                                       "cumulative_logprob": o.cumulative_logprob} for o in outputs]}))
+    else:
+        for o in outputs:
+            print(f"[{o.index}] score {o.beam_score:.4f} (sum of logprobs {o.cumulative_logprob:.4f}, "
+                  f"{o.finish_reason}): {o.text}")
+    reason = outputs[0].finish_reason
     if reason in CUT_SHORT:
         print(f"pagedserve generate: the answer was cut short (finish_reason {reason})", file=sys.stderr)
         return 1

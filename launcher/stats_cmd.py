@@ -28,7 +28,14 @@ def format_table(health: dict[str, Any], stats: dict[str, Any]) -> str:
     if used is not None and total:
         rows.append(("kv_blocks", f"{used} / {total} used ({100.0 * used / total:.1f}%)"))
     stats.pop("decode_phases", None)  # per-batch-size totals: for benchmarks (--json shows them)
+    replicas = stats.pop("replicas", [])
     rows += [(k, _fmt(v)) for k, v in stats.items()]
+    for i, r in enumerate(replicas if len(replicas) > 1 else []):  # data parallelism: one row each
+        state = "draining" if r["draining"] else "routable" if r["routable"] else "down"
+        text = (f"{r['addr']} {state}: waiting {r['waiting']}, running {r['running']}, free blocks "
+                f"{r['free_blocks']}/{r['total_blocks']}, step {r['step_time_ms']:.4g} ms, hit rate "
+                f"{r['prefix_cache_hit_rate']:.4g}, routed {json.dumps(r['routed'])}")
+        rows.append((f"replica {i}", text))
     width = max((len(k) for k, _ in rows), default=0)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

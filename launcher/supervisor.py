@@ -3,7 +3,9 @@
 For a laptop, CI and demos. Under systemd each role is its own unit instead.
 With --tensor-parallel-size N it starts N workers, ranks 0 .. N-1, on this host: their
 rendezvous is a free loopback port unless --dist-init-addr is given, and with --device cuda
-rank r drives the r-th visible GPU (cuda:r).
+rank r drives the r-th visible GPU (cuda:r). With --data-parallel-size D it starts D engine
+replicas (a scheduler and its workers each, children "scheduler-k", "worker<r>-k", sockets in
+RUN_DIR/replica<k>), and the frontend routes between them (docs/data_parallel.md).
 Children inherit stdout, so all JSON events arrive on one stream.
 
 A child that dies is restarted (docs/fault_tolerance.md), after a back-off that
@@ -72,13 +74,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker_flags(base: list[str], config: ServerConfig, rank: int) -> list[str]:
-    """Rank r of a CUDA group drives the r-th visible GPU (`--device cuda:r`). Every GPU stays
-    visible to every rank, so NCCL can use peer-to-peer copies between them."""
+def _worker_flags(base: list[str], config: ServerConfig, rank: int, replica: int = 0) -> list[str]:
+    """Rank r of a CUDA group drives the r-th visible GPU (`--device cuda:r`), of replica k the
+    (k * tensor_parallel_size + r)-th. Every GPU stays visible to every rank, so NCCL can use
+    peer-to-peer copies between them."""
     flags = base + ["--rank", str(rank)]
-    if config.parallel.tensor_parallel_size > 1 and config.worker.device == "cuda":
-        flags = _strip_flag(flags, "--device") + ["--device", f"cuda:{rank}"]
+    par = config.parallel
+    if (par.tensor_parallel_size > 1 or par.data_parallel_size > 1) and config.worker.device == "cuda":
+        flags = _strip_flag(flags, "--device") + ["--device", f"cuda:{replica * par.tensor_parallel_size + rank}"]
     return flags
+
+
+def _replica_names(config: ServerConfig, k: int) -> tuple[str, list[str]]:
+    """(scheduler, workers) child names of replica k: "scheduler", "worker0", ... with one replica,
+    "scheduler-k", "worker0-k", ... with several."""
+    suffix = f"-{k}" if config.parallel.data_parallel_size > 1 else ""
+    return f"scheduler{suffix}", [f"worker{r}{suffix}" for r in range(config.parallel.tensor_parallel_size)]
 
 
 def run_supervisor(config: ServerConfig, argv: list[str], role_command: list[str],
@@ -120,19 +131,29 @@ def _supervise(config: ServerConfig, argv: list[str], role_command: list[str]) -
     base = argv
     for flag in ("--run-dir", "--rank", "--rank-offset"):  # one host: ranks 0 .. N-1
         base = _strip_flag(base, flag)
-    base += ["--run-dir", run_dir]
-    own_dist_port = config.parallel.tensor_parallel_size > 1 and not config.parallel.dist_init_addr
+    replicas = config.parallel.data_parallel_size
+    if replicas > 1:  # each replica's sockets in a directory of its own; the frontend gets them all
+        for flag in ("--scheduler-frontend-addr", "--scheduler-worker-addr", "--engines", "--dist-init-addr"):
+            base = _strip_flag(base, flag)
+    run_dirs = [run_dir] if replicas == 1 else [os.path.join(run_dir, f"replica{k}") for k in range(replicas)]
+    own_dist_port = config.parallel.tensor_parallel_size > 1 and (replicas > 1 or not config.parallel.dist_init_addr)
     env = child_environment()  # only a process systemd started may speak to systemd
 
-    def worker_argv(rank: int) -> list[str]:
-        flags = base + (["--dist-init-addr", f"tcp://127.0.0.1:{dist_port}"] if own_dist_port else [])
-        return role_command + ["worker"] + _worker_flags(flags, config, rank)
+    def worker_argv(k: int, rank: int) -> list[str]:
+        flags = base + ["--run-dir", run_dirs[k]]
+        flags += ["--dist-init-addr", f"tcp://127.0.0.1:{dist_ports[k]}"] if own_dist_port else []
+        return role_command + ["worker"] + _worker_flags(flags, config, rank, k)
 
-    dist_port = _free_port() if own_dist_port else 0
+    dist_ports = [_free_port() if own_dist_port else 0 for _ in range(replicas)]
     children = Children(run_dir, env)
-    children.add("scheduler", role_command + ["scheduler"] + base)
-    workers = [children.add(f"worker{r}", worker_argv(r)) for r in range(config.parallel.tensor_parallel_size)]
-    children.add("frontend", role_command + ["frontend"] + base)
+    groups: list[list[Child]] = []  # each replica's workers
+    for k in range(replicas):
+        scheduler_name, worker_names = _replica_names(config, k)
+        children.add(scheduler_name, role_command + ["scheduler"] + base + ["--run-dir", run_dirs[k]])
+        groups.append([children.add(name, worker_argv(k, r)) for r, name in enumerate(worker_names)])
+    engines = [] if replicas == 1 else ["--engines", ",".join(f"ipc://{d}/scheduler-frontend.sock" for d in run_dirs)]
+    children.add("frontend", role_command + ["frontend"] + base + ["--run-dir", run_dir] + engines)
+    workers = [c for group in groups for c in group]
 
     # Each stage gets its own deadline (below); the Drain counts the signals and says when to begin.
     drain = Drain(config.operations.drain_timeout_s + STOP_GRACE_S)
@@ -150,9 +171,11 @@ def _supervise(config: ServerConfig, argv: list[str], role_command: list[str]) -
                           ready=c.ever_ready)
             code = 1
             break
-        if any(c in workers for c in dead) and len(workers) > 1:
+        for k, group in enumerate(groups):
+            if not any(c in group for c in dead) or len(group) == 1:
+                continue
             # One rank lost: its peers' torch.distributed group is broken too. Restart them all.
-            for c in workers:
+            for c in group:
                 if c in dead or c.restart_pending:
                     continue
                 if c.proc.poll() is None:
@@ -160,9 +183,9 @@ def _supervise(config: ServerConfig, argv: list[str], role_command: list[str]) -
                     c.proc.wait()
                 dead.append(c)
             if own_dist_port:
-                dist_port = _free_port()  # the old rendezvous port may linger in TIME_WAIT
-                for r, c in enumerate(workers):
-                    c.argv = worker_argv(r)
+                dist_ports[k] = _free_port()  # the old rendezvous port may linger in TIME_WAIT
+                for r, c in enumerate(group):
+                    c.argv = worker_argv(k, r)
         for c in dead:
             delay_s = c.schedule_restart()
             log.error("supervisor.child_exited", child=c.name, exit_code=c.proc.returncode, action="restart",
@@ -173,7 +196,7 @@ def _supervise(config: ServerConfig, argv: list[str], role_command: list[str]) -
                 log.info("supervisor.child_restarted", child=c.name, pid=c.proc.pid, restarts=c.num_restarts)
         time.sleep(POLL_S)
     log.info("supervisor.stopping", reason="signal" if drain.signals else "child_exited")
-    stages = [["frontend"], ["scheduler"], [c.name for c in workers]]
+    stages = [["frontend"], [_replica_names(config, k)[0] for k in range(replicas)], [c.name for c in workers]]
     for stage in stages:
         procs = {n: children[n].proc for n in stage if not children[n].restart_pending}
         if not _stop_stage(procs, drain.timeout_s, drain):

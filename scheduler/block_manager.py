@@ -74,6 +74,7 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self._device.pool.num_used
 
+    prefix_cache = property(lambda self: self._device.cache)  # scheduler/kv_events.py attaches its journal
     @property
     def num_cached_blocks(self) -> int:
         """Device blocks findable by the prefix cache (referenced or not)."""

@@ -26,6 +26,7 @@ log = get_logger()
 FRONTEND_SILENCE_S = 30.0  # a frontend pings every second; one silent this long is gone: abort its requests
 MAX_DROPPED_FRONTENDS = 1024  # identities remembered for EngineInfo.frontend_drops
 MAX_REFUSED_FRONTENDS = 256  # identities remembered so a refusal is logged once each
+BROADCAST_SILENCE_S = 2.5  # a frontend pings every second: past this it is paused or gone
 UNKNOWN_PEER_LOG_EVERY_S = 10.0  # at most one `scheduler.unknown_frontend` event this often
 
 
@@ -37,8 +38,11 @@ class FrontendLink:
     aborts a gone frontend's requests and returns their ids."""
 
     def __init__(self, router: Router, *, scheduler_id: str, engine_info: Callable[[], p.EngineInfo],
-                 abort_frontend: Callable[[bytes], list[str]]) -> None:
+                 abort_frontend: Callable[[bytes], list[str]],
+                 on_join: Callable[[bytes], None] | None = None) -> None:
+        """`on_join(ident)`: a frontend said its first hello (it gets a KV snapshot, scheduler/kv_events.py)."""
         self.router = router
+        self.on_join = on_join
         self.scheduler_id = scheduler_id  # one per scheduler process: a new one tells frontends to resubmit
         self.engine_info = engine_info
         self.abort_frontend = abort_frontend
@@ -69,8 +73,11 @@ class FrontendLink:
         if hello.protocol_version != p.PROTOCOL_VERSION:
             self._refuse(ident, hello)
             return
+        joined = ident not in self._last_seen
         self._last_seen[ident] = time.monotonic()
         self.send(ident, self._info_for(ident))
+        if joined and self.on_join is not None:
+            self.on_join(ident)
 
     def _refuse(self, ident: bytes, hello: p.FrontendHello) -> None:
         """Another protocol version: answered (every ping) with why, and otherwise not served."""
@@ -107,6 +114,15 @@ class FrontendLink:
             by_frontend[ident].append(delta)
         for ident, deltas in by_frontend.items():
             self.send(ident, p.EngineOutputs(deltas=deltas))
+
+    def broadcast(self, msg) -> None:
+        """`msg` (KV events and load) to every frontend heard from within BROADCAST_SILENCE_S: one
+        paused longer would find a backlog of them ahead of everything else when it resumes (it
+        sees the gap in their `seq` and asks for a snapshot instead)."""
+        now = time.monotonic()
+        for ident, seen in list(self._last_seen.items()):
+            if now - seen <= BROADCAST_SILENCE_S:
+                self.send(ident, msg)
 
     def announce_info(self) -> None:
         """Every known frontend gets the `EngineInfo` now, not at its next ping."""

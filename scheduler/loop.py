@@ -35,6 +35,7 @@ import uuid
 import zmq
 
 from scheduler.frontend_link import FrontendLink
+from scheduler.kv_events import KvPublisher
 from scheduler.router import Router
 from scheduler.step_stats import StepStats
 from scheduler.waker import Waker
@@ -42,6 +43,7 @@ from scheduler.worker_group import WorkerGroup
 from scheduler.worker_link import WorkerLink
 from shared import protocol as p
 from shared.config import ServerConfig
+from shared.curve import serve_curve_threaded
 from shared.drain import Drain
 from shared.ipc import bind, make_router
 from shared.logging import get_logger
@@ -69,8 +71,13 @@ class SchedulerLoop:
         self.notifier = Notifier()
         self.step_stats = StepStats()
         self.step_stats.sample(time.monotonic(), 0)  # rates count from start-up
-        self.frontends = FrontendLink(Router(self.frontend_sock), scheduler_id=uuid.uuid4().hex[:12],
-                                      engine_info=self._engine_info, abort_frontend=self._abort_frontend)
+        scheduler_id = uuid.uuid4().hex[:12]
+        self.frontends = FrontendLink(Router(self.frontend_sock), scheduler_id=scheduler_id,
+                                      engine_info=self._engine_info, abort_frontend=self._abort_frontend,
+                                      on_join=lambda ident: self.frontends.send(ident, self.kv_events.snapshot()))
+        self.kv_events = KvPublisher(scheduler_id, lambda: self.workers.scheduler, self.frontends.broadcast,
+                                     lambda: self.step_stats.figures()["step_time_p50_s"],
+                                     lambda: self.drain.draining)
         self.workers = WorkerLink(Router(self.worker_sock), WorkerGroup(config.parallel.tensor_parallel_size),
                                   config=config.scheduler, step_stats=self.step_stats, notifier=self.notifier,
                                   send_deltas=self.frontends.send_deltas, on_ready=self.frontends.announce_info,
@@ -78,11 +85,15 @@ class SchedulerLoop:
         self._next_stats_at = time.monotonic() + config.scheduler.stats_interval_s
         self._last_logged_steps: int | None = None
         self._last_stats_log = float("-inf")
+        self._auth = None  # the CURVE authenticator of the frontend endpoint, when configured
 
     # -- main loop ------------------------------------------------------------
     def run(self) -> None:
         self.drain.install()
-        endpoints = self.config.endpoints
+        endpoints, routing = self.config.endpoints, self.config.routing
+        if routing.engine_curve_secret_key_file:  # frontends on other hosts (docs/data_parallel.md)
+            self._auth = serve_curve_threaded(self.ctx, self.frontend_sock, routing.engine_curve_secret_key_file,
+                                              routing.engine_curve_frontends_dir)
         bind(self.frontend_sock, endpoints.scheduler_addr_for_frontends())
         bind(self.worker_sock, endpoints.scheduler_addr_for_workers())
         workers = self.config.parallel.tensor_parallel_size
@@ -91,7 +102,8 @@ class SchedulerLoop:
         self.notifier.ready(f"listening; waiting for {workers} worker(s)")
         while not self._drained():
             self.notifier.tick()
-            events = dict(self.poller.poll(0 if self.workers.ready_to_step() else IDLE_POLL_MS))
+            idle_ms = min(IDLE_POLL_MS, 1000 * self.kv_events.due_in_s(time.monotonic()))
+            events = dict(self.poller.poll(0 if self.workers.ready_to_step() else idle_ms))
             if self.worker_sock in events:
                 self.workers.router.receive_all(self.workers.receive)
             if self.frontend_sock in events:
@@ -103,6 +115,7 @@ class SchedulerLoop:
             self.frontends.check_liveness()
             if self.workers.ready_to_step():
                 self.workers.start_step()
+            self.kv_events.tick()
             if time.monotonic() >= self._next_stats_at:
                 self._log_stats()
         self._shut_down()
@@ -130,6 +143,8 @@ class SchedulerLoop:
                 self.frontends.send_deltas(sched.finish_outputs(msg.outputs))
         elif isinstance(msg, p.StatsQuery):
             self.frontends.send(ident, p.StatsResult(query_id=msg.query_id, stats=self.stats_reply()))
+        elif isinstance(msg, p.KvSnapshotQuery):  # the frontend saw a gap in our KvEvents
+            self.frontends.send(ident, self.kv_events.snapshot())
         elif isinstance(msg, p.TokenizerInfo):
             if sched is not None:
                 sched.structured.set_tokenizer(msg.tokenizer_json)
@@ -185,6 +200,8 @@ class SchedulerLoop:
         for sock in (self.frontend_sock, self.worker_sock):
             sock.close(linger=FLUSH_ON_EXIT_MS)
         self.waker.close()
+        if self._auth is not None:
+            self._auth.stop()
         self.ctx.term()
 
     # -- visibility ---------------------------------------------------------------

@@ -36,7 +36,10 @@ class Preemption:
         """`seq`, already out of the running list, is preempted. Without a `batch` (the
         worker lost its state: nothing to swap out) it is always by recompute."""
         bm = self.block_manager
-        swap = self.mode == "swap" and batch is not None and bm.can_swap_out(seq.seq_id)
+        # One with nothing left to compute (a beam waiting for its siblings) could not come back by
+        # swap-in, which schedules a token: it is recomputed (scheduler/beam_search.py parks it).
+        swap = (self.mode == "swap" and batch is not None and seq.num_computed_tokens < seq.num_tokens
+                and bm.can_swap_out(seq.seq_id))
         mode: PreemptionMode = "swap" if swap else "recompute"
         self.on_preempt(seq, cause, mode)
         seq.num_preemptions += 1

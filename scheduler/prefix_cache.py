@@ -1,38 +1,16 @@
 """Automatic prefix caching: find device blocks by the tokens they hold.
 
-A full block's key is a chained hash: ``hash(parent_key, its block_size token
-ids)``, the parent being the key of the block before it (empty for the first).
-So one key names a block's tokens *and everything before them*, which is what
-its K/V depend on: equal keys mean interchangeable blocks. blake2b (128 bits)
-keeps collisions out of the question and is stable across processes.
+A full block's key is a chained hash of its tokens and everything before them
+(shared/block_hash.py, which the frontend's router computes too). Every change
+of which keys are cached is told to the `journal`, when one is set
+(scheduler/kv_events.py publishes them to the frontends).
 """
 
 from __future__ import annotations
 
-import hashlib
-import struct
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-BlockHash = bytes
-
-ROOT: BlockHash = b""
-
-
-def chain_hash(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
-    """The key of a full block holding `token_ids` after the block keyed `parent`."""
-    data = struct.pack(f"<{len(token_ids)}I", *token_ids)
-    return hashlib.blake2b(parent + data, digest_size=16).digest()
-
-
-def block_hashes(token_ids: Sequence[int], block_size: int, start: int = 0, parent: BlockHash = ROOT,
-                 stop: int | None = None) -> Iterator[BlockHash]:
-    """Keys of full blocks ``start, start + 1, ...`` (below `stop` blocks), lazily:
-    a caller that stops at the first miss hashes one block past its hits."""
-    end = len(token_ids) // block_size if stop is None else min(stop, len(token_ids) // block_size)
-    for i in range(start, end):
-        parent = chain_hash(parent, token_ids[i * block_size:(i + 1) * block_size])
-        yield parent
+from shared.block_hash import ROOT, BlockHash, block_hashes, chain_hash  # noqa: F401 (scheduler/ imports them here)
 
 
 @dataclass(slots=True)
@@ -59,6 +37,7 @@ class PrefixCache:
     def __init__(self) -> None:
         self._block_of: dict[BlockHash, int] = {}
         self._hash_of: dict[int, BlockHash] = {}
+        self.journal = None  # a KvJournal (scheduler/kv_events.py): told each key stored or evicted
 
     def __len__(self) -> int:
         return len(self._block_of)
@@ -77,6 +56,8 @@ class PrefixCache:
         if key not in self._block_of and block_id not in self._hash_of:
             self._block_of[key] = block_id
             self._hash_of[block_id] = key
+            if self.journal is not None:
+                self.journal.stored(key)
 
     def forget(self, block_id: int) -> bool:
         """The block is about to hold other tokens (evicted); True if it was cached."""
@@ -84,11 +65,15 @@ class PrefixCache:
         if key is None:
             return False
         del self._block_of[key]
+        if self.journal is not None:
+            self.journal.removed(key)
         return True
 
     def clear(self) -> None:
         self._block_of.clear()
         self._hash_of.clear()
+        if self.journal is not None:
+            self.journal.cleared()
 
     def items(self) -> list[tuple[BlockHash, int]]:
         return list(self._block_of.items())

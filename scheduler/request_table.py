@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from scheduler.admission import check_admission
+from scheduler.beam_search import new_group
 from scheduler.block_manager import BlockManager
 from scheduler.policy import BatchPolicy
 from scheduler.sequence import Request, Sequence, SeqStatus
@@ -82,10 +83,15 @@ class RequestTable:
                           max_tokens=max_tokens, stop_token_ids=frozenset(stop_token_ids(params, self.eos_token_ids)),
                           trace_id=msg.trace_id, received_at=self._clock())
         resumed, done = msg.output_token_ids, set(msg.finished_outputs)
+        num_seqs = params.n
+        if params.use_beam_search:
+            # One sequence, the prompt: beams fork from it. Nothing was streamed, so a resubmission
+            # (after a scheduler restart) starts the search again from the prompt.
+            request.beam, num_seqs, resumed, done = new_group(request, self.limits.max_model_len), 1, [], set()
         # Matchers first: one that raises (GrammarError) leaves nothing half added.
         matchers = [grammar.matcher(resumed[i] if i < len(resumed) else []) if grammar and i not in done else None
-                    for i in range(params.n)]
-        for index in range(params.n):
+                    for i in range(num_seqs)]
+        for index in range(num_seqs):
             generated = resumed[index] if index < len(resumed) else []
             seq = Sequence(self._next_seq_id, request, index, list(msg.prompt_token_ids) + list(generated))
             seq.grammar = matchers[index]
@@ -102,7 +108,7 @@ class RequestTable:
             for seq in request.seqs:
                 if seq.status is not SeqStatus.FINISHED:
                     self.policy.enqueue(seq)
-        elif params.n > 1 and request.prompt_len > 1:
+        elif num_seqs > 1 and request.prompt_len > 1:
             # One prompt prefill for all n outputs: the others fork from output 0.
             parent.children = request.seqs[1:]
             for child in parent.children:
@@ -126,11 +132,15 @@ class RequestTable:
             if request is None:
                 continue
             self.counters["requests_aborted" if finish_reason == _ABORT else "requests_failed"] += 1
+            beams = request.beam is not None and request.params.n
             for seq in request.seqs:
                 if seq.status is not SeqStatus.FINISHED:
                     self.finish(seq)
-                    delta = TokenDelta(request_id, seq.output_index, [], finish_reason, seq.num_preemptions)
-                    outputs.append((request.frontend, delta))
+                    if not beams:
+                        delta = TokenDelta(request_id, seq.output_index, [], finish_reason, seq.num_preemptions)
+                        outputs.append((request.frontend, delta))
+            # A beam search's frontend waits for its n outputs, whatever its beams were.
+            outputs.extend((request.frontend, TokenDelta(request_id, i, [], finish_reason)) for i in range(beams or 0))
         if outputs:
             self.policy.remove_finished()
         return outputs
@@ -141,7 +151,8 @@ class RequestTable:
         finished = []
         for request_id, index in outputs:
             request = self._requests.get(request_id)
-            if request is None or not 0 <= index < len(request.seqs):
+            # A beam search has no stop strings (refused at validation) and its beams are no outputs.
+            if request is None or request.beam is not None or not 0 <= index < len(request.seqs):
                 continue
             seq = request.seqs[index]
             if seq.status is not SeqStatus.FINISHED:
@@ -150,6 +161,14 @@ class RequestTable:
         if finished:
             self.policy.remove_finished()
         return finished
+
+    def add_sequence(self, request: Request, token_ids: list[int]) -> Sequence:
+        """A new sequence of `request` in flight (a forked beam), waiting; the caller places it."""
+        seq = Sequence(self._next_seq_id, request, 0, token_ids)
+        self._next_seq_id += 1
+        request.seqs.append(seq)
+        self._seqs[seq.seq_id] = seq
+        return seq
 
     def ids_of_frontend(self, frontend: bytes) -> list[str]:
         """Request ids of one frontend. O(requests in flight): only on a disconnect."""

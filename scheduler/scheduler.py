@@ -12,24 +12,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from scheduler.beam_search import BeamSearch
 from scheduler.block_manager import BlockManager
 from scheduler.grammar_intake import Rejections
 from scheduler.invariants import check_scheduler_invariants
 from scheduler.policy import BatchPolicy
+from scheduler.preempt_log import log_preempted
 from scheduler.request_table import Outputs, RequestTable
 from scheduler.sequence import Request, Sequence, SeqStatus
 from scheduler.step_planner import StepPlanner
 from scheduler.structured_output import StructuredOutput
 from scheduler.token_outcome import attach_logprobs, finish_reason, time_first_token
 from shared.config import SchedulerConfig
-from shared.logging import get_logger
 from shared.protocol import AddRequest, FinishReason, RequestRejected, StepMasks, StepPlan, StepResult, TokenDelta
 from shared.validation import Limits
 
-log = get_logger("scheduler")
-
 _ERROR = FinishReason.ERROR.value
-
 _STEP_COUNTERS = ("preemptions", "preemptions_recompute", "preemptions_swap", "tokens_generated", "steps",
                   "partial_prefills")
 # Every total since start, in the order stats() lists them; each is counted by one owner:
@@ -74,6 +72,8 @@ class Scheduler:
         # Structured requests wait there for their grammar; `wake` (thread-safe) says one is ready.
         self.structured = StructuredOutput(vocab_size=vocab_size, eos_token_ids=eos_token_ids,
                                            admit=self._requests.add, wake=wake)
+        self._beams = BeamSearch(self.policy, self.block_manager, add_sequence=self._requests.add_sequence,
+                                 finish=self._requests.finish, release=self._planner.release, clock=clock)
         self._counters = dict.fromkeys(_STEP_COUNTERS, 0)
         self._kv_blocks_used_peak = 0  # the most device blocks in use after any schedule(), since start
         self._clock = clock  # per-request timings only (Request.received_at ...): the first token's delta reports them
@@ -139,6 +139,7 @@ class Scheduler:
         and do not `update()` it; its pending drops ride with the next plan."""
         if self.in_flight is not None:
             raise RuntimeError(f"step {self.in_flight.step_id} is in flight: update() it before scheduling again")
+        self._beams.park_stragglers()  # a beam group waits for its missing beams holding nothing
         # Preemptions reach the planner's drops through _on_preempt.
         batch = self.policy.schedule_next_batch()
         now = None
@@ -188,6 +189,9 @@ class Scheduler:
             if seq.num_computed_tokens < seq.num_tokens:
                 self._counters["partial_prefills"] += 1
                 continue  # a partial prefill chunk samples nothing
+            if seq.request.beam is not None:  # beams choose their tokens together (scheduler/beam_search.py)
+                self._beams.report(seq, result.candidates[i] if result.candidates else None)
+                continue
             if not 0 <= token < self.limits.vocab_size:
                 raise ValueError(f"step {plan.step_id}: sequence {seq.seq_id} sampled {token}, outside the vocabulary")
             seq.token_ids.append(token)
@@ -207,7 +211,7 @@ class Scheduler:
             outputs.append((seq.request.frontend, delta))
         if any_finished:
             self.policy.remove_finished_running()
-        return outputs
+        return outputs + self._beams.advance()
 
     def fail_step(self, step_id: int) -> Outputs:
         """A worker failed step `step_id` (`WorkerError`): if it is the one in flight, finish the
@@ -244,12 +248,7 @@ class Scheduler:
         """Called by the policy before the victim's blocks are freed or swapped."""
         self._counters["preemptions"] += 1
         self._counters[f"preemptions_{mode}"] += 1
-        bm = self.block_manager
-        log.info("request.preempted", request_id=seq.request_id, seq_id=seq.seq_id, mode=mode, cause=cause,
-                 tokens_to_recompute=seq.num_tokens if mode == "recompute" else 0,
-                 kv_blocks_used=bm.num_used_blocks, kv_blocks_total=bm.num_blocks,
-                 host_blocks_used=bm.num_used_host_blocks, host_blocks_total=bm.num_host_blocks,
-                 **seq.request.log_fields())
+        log_preempted(seq, cause, mode, self.block_manager)
         self._planner.release(seq)
 
     # -- introspection -------------------------------------------------------
@@ -283,6 +282,7 @@ class Scheduler:
             "host_blocks_total": bm.num_host_blocks,
             **policy.step_budget.figures(),
             **self.structured.stats(),
+            **self._beams.stats(),
         }
 
     def check_invariants(self) -> None:

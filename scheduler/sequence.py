@@ -20,6 +20,7 @@ class SeqStatus(enum.Enum):
     RUNNING = "running"  # holds KV blocks for num_computed_tokens (plus this step's tokens)
     SWAPPED = "swapped"  # its KV for num_computed_tokens sits in host blocks; queued to come back
     FORK_PENDING = "fork_pending"  # output k > 0 waiting for its parent's prompt prefill
+    BEAM_PARKED = "beam_parked"  # a beam whose candidates are in, out of every queue until its group selects
     FINISHED = "finished"  # done, aborted or failed; holds nothing
 
 
@@ -42,6 +43,7 @@ class Request:
     received_at: float = 0.0
     first_scheduled_at: float | None = None
     first_token_at: float | None = None
+    beam: Any = None  # its `BeamGroup` (scheduler/beam_group.py) when params.use_beam_search
 
     def log_fields(self) -> dict[str, str]:
         """`trace_id` for its events, when it has one (docs/events.md: `trace_id?`)."""
@@ -92,6 +94,9 @@ class Sequence:
     children: list[Sequence] = field(default_factory=list)
     crashes: int = 0  # worker failures in a row with this sequence in flight (scheduler/isolation.py)
     grammar: Any = None
+    # Tokens the scheduler appended (a beam's chosen token) that the worker, holding it, has not got:
+    # the next ScheduledSeq carries them (scheduler/step_planner.py).
+    pending_tokens: int = 0
     # Policy order, best first: priority, then arrival; the scheduler assigns
     # seq ids in arrival order, so the id breaks ties deterministically.
     sort_key: tuple[int, float, int] = field(init=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from scheduler.batch import Batch
+from scheduler.beam_search import mark_beam_row
 from scheduler.sequence import Sequence
 from shared.protocol import NewSeq, ScheduledSeq, StepPlan
 
@@ -55,12 +56,16 @@ class StepPlanner:
             if seq.grammar is not None and seq.num_computed_tokens + num_tokens >= seq.num_tokens:
                 masked_rows.append(len(scheduled))  # it samples: its grammar masks the token
             if seq.on_worker:
-                scheduled.append(ScheduledSeq(seq.seq_id, num_tokens, seq.num_computed_tokens, new_blocks))
-                continue
-            seq.on_worker = True
-            scheduled.append(ScheduledSeq(seq.seq_id, num_tokens, seq.num_computed_tokens))
-            new_seqs.append(NewSeq(seq.seq_id, list(seq.token_ids), seq.prompt_len, list(seq.block_table),
-                                   seq.request.params, seq.output_index))
+                work = ScheduledSeq(seq.seq_id, num_tokens, seq.num_computed_tokens, new_blocks)
+            else:
+                seq.on_worker = True
+                seq.pending_tokens = 0  # the NewSeq carries every token
+                work = ScheduledSeq(seq.seq_id, num_tokens, seq.num_computed_tokens)
+                new_seqs.append(NewSeq(seq.seq_id, list(seq.token_ids), seq.prompt_len, list(seq.block_table),
+                                       seq.request.params, seq.output_index))
+            if seq.request.beam is not None:
+                mark_beam_row(work, seq)
+            scheduled.append(work)
         plan = StepPlan(step_id=self._next_step_id, scheduled=scheduled, new_seqs=new_seqs,
                         finished_seq_ids=self._to_drop, swap_out=batch.swap_out, swap_in=batch.swap_in,
                         copy=batch.copy, masked_rows=masked_rows)

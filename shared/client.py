@@ -33,6 +33,7 @@ from shared.client_base import (
     ClientBase,
     RequestError,
     StreamBase,
+    beam_search_params,
     bounded_frame,
     generate_msg,
     new_request_id,
@@ -155,6 +156,15 @@ class Client(ClientBase):
                  traceparent: str | None = None) -> Completion:
         msg = generate_msg(prompt, params, prompt_token_ids, None, False, request_id, priority, traceparent)
         return self._complete(msg, timeout or self.timeout)
+
+    def beam_search(self, prompt: str | list[int], width: int, *, n: int = 1, max_tokens: int | None = 16,
+                    length_penalty: float = 1.0, early_stopping: bool | str = False,
+                    timeout: float | None = None, **params) -> Completion:
+        """`generate` with beam search (shared/client_base.py: `beam_search_params`): the n best of
+        `width` beams, best first, scores on each output."""
+        params = beam_search_params(width, n=n, max_tokens=max_tokens, length_penalty=length_penalty,
+                                    early_stopping=early_stopping, **params)
+        return self.generate(prompt, params, timeout=timeout)
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None, *,
              request_id: str | None = None, priority: int = 0, timeout: float | None = None,

@@ -64,6 +64,15 @@ def generate_msg(prompt, params, prompt_token_ids, messages, stream, request_id,
                       traceparent=traceparent or None)
 
 
+def beam_search_params(width: int, *, n: int = 1, max_tokens: int | None = 16, length_penalty: float = 1.0,
+                       early_stopping: bool | str = False, **params) -> SamplingParams:
+    """SamplingParams for beam search: `width` beams (best_of), the `n` best hypotheses returned,
+    best first, each with `cumulative_logprob` and `beam_score` (temperature 0: beam search does
+    not sample). `params`: other SamplingParams fields (stop_token_ids, ignore_eos, ...)."""
+    return SamplingParams(use_beam_search=True, best_of=width, n=n, max_tokens=max_tokens, temperature=0.0,
+                          length_penalty=length_penalty, early_stopping=early_stopping, **params)
+
+
 def raise_if_error(msg: p.ServerMessage) -> None:
     if isinstance(msg, p.ErrorReply):
         raise RequestError(msg.code, msg.message, msg.request_id)

@@ -12,7 +12,8 @@ Each field's help text and metavar live next to it, in its `Meta`; the CLI
 
 Derived settings are resolved here, once, and read everywhere: see
 `SchedulerConfig.resolved_max_num_batched_tokens` and `EndpointConfig`'s addresses.
-Reading the file and the flags: shared/config_file.py.
+Reading the file and the flags: shared/config_file.py. Sections in files of their own:
+`parallel` (shared/config_parallel.py), `routing` (shared/config_routing.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Annotated, Literal
 import msgspec
 
 from shared.config_base import _help, _Section, is_host_port
+from shared.config_parallel import ParallelConfig
+from shared.config_routing import RoutingConfig
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
@@ -200,39 +203,6 @@ class FrontendConfig(_Section):
                 raise ValueError(f"{name} must be HOST:PORT, e.g. 127.0.0.1:8000, got {value!r}")
 
 
-class ParallelConfig(_Section):
-    """Tensor parallelism (docs/tensor_parallel.md): the group and this worker's place in it."""
-
-    tensor_parallel_size: Annotated[int, _help("worker ranks the model is split across (serve starts this many "
-                                               "workers); must divide the model's attention heads", "N")] = 1
-    rank: Annotated[int, _help("worker only: its rank on this host (systemd: the worker@ instance)", "N")] = 0
-    rank_offset: Annotated[int, _help("worker only: added to --rank, the first rank on this host when ranks span "
-                                      "hosts", "N")] = 0
-    dist_init_addr: Annotated[str, _help("rank 0's torch.distributed rendezvous (default tcp://127.0.0.1:29500; "
-                                         "serve picks a free port)", "tcp://HOST:PORT")] = ""
-    dist_timeout_s: Annotated[float, _help("seconds the rendezvous, or any collective, may wait for a rank "
-                                           "before the group fails", "SECONDS")] = 600.0
-
-    @property
-    def worker_rank(self) -> int:
-        """This worker's rank in the tensor-parallel group."""
-        return self.rank + self.rank_offset
-
-    def validate(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.rank < 0 or self.rank_offset < 0:
-            raise ValueError(f"rank and rank_offset must be >= 0, got {self.rank} and {self.rank_offset}")
-        if not 0 <= self.worker_rank < self.tensor_parallel_size:
-            offset = f" + rank_offset {self.rank_offset}" if self.rank_offset else ""
-            raise ValueError(f"rank {self.rank}{offset} must be in [0, {self.tensor_parallel_size}) "
-                             f"(tensor_parallel_size {self.tensor_parallel_size})")
-        if self.dist_init_addr and not self.dist_init_addr.startswith("tcp://"):
-            raise ValueError(f"dist_init_addr must be tcp://HOST:PORT, got {self.dist_init_addr!r}")
-        if not self.dist_timeout_s > 0:
-            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
-
-
 class OperationsConfig(_Section):
     """What every role does the same way: logging and draining on SIGTERM (shared/drain.py)."""
 
@@ -255,6 +225,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     frontend: FrontendConfig = msgspec.field(default_factory=FrontendConfig)
     parallel: ParallelConfig = msgspec.field(default_factory=ParallelConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     operations: OperationsConfig = msgspec.field(default_factory=OperationsConfig)
 
     def sections(self) -> dict[str, _Section]:

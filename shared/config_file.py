@@ -46,7 +46,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"command line: unknown setting {unknown[0]!r}")
         by_section: dict[str, dict[str, Any]] = {}
         for name, value in overrides.items():
-            by_section.setdefault(FIELD_SECTIONS[name], {})[name] = value
+            by_section.setdefault(FIELD_SECTIONS[name], {})[name] = _list_flag(name, value)
         try:
             given = msgspec.convert(by_section, ServerConfig, strict=False)
         except msgspec.ValidationError as e:
@@ -60,6 +60,15 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return config
+
+
+def _list_flag(name: str, value: Any) -> Any:
+    """A list setting given as one flag is comma-separated (`--engines ADDR,ADDR`)."""
+    field = next(f for f in msgspec.structs.fields(SECTIONS[FIELD_SECTIONS[name]]) if f.name == name)
+    base = getattr(field.type, "__origin__", field.type)  # Annotated[list[str], ...] -> list[str]
+    if isinstance(value, str) and getattr(base, "__origin__", base) is list:
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 def _refuse_flat_keys(path: str, from_file: dict[str, Any]) -> None:

@@ -64,3 +64,19 @@ def make_server(sock: zmq.Socket, secret_file: str) -> None:
     sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
     sock.setsockopt(zmq.CURVE_SERVER, 1)
+
+
+def serve_curve_threaded(ctx: zmq.Context, sock: zmq.Socket, secret_file: str, allowed_dir: str):
+    """Before bind, for a process without an asyncio loop (the scheduler's frontend endpoint):
+    `sock` a CURVE server with the key pair in `secret_file`, admitting only the public keys in
+    `allowed_dir`, checked by a ZAP handler on a thread of its own. The authenticator: `stop()` it
+    before the context terminates."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    if not os.path.isdir(allowed_dir):
+        raise ValueError(f"{allowed_dir} is not a directory of allowed public keys")
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=allowed_dir)
+    make_server(sock, secret_file)
+    return auth

@@ -33,7 +33,11 @@ from shared.structured import StructuredOutputs
 # with a message naming both (a frontend or worker left running across an upgrade).
 # 2: stop-string finishes moved from AbortRequests to FinishOutputs.
 # 3: structured output (TokenizerInfo, EngineInfo.needs_tokenizer, StepPlan.masked_rows, StepMasks).
-PROTOCOL_VERSION = 3
+# 4 (beam search): SamplingParams.use_beam_search/best_of/length_penalty/early_stopping,
+#   ScheduledSeq.num_candidates/append_token_ids, StepResult.candidates, TokenDelta.cumulative_logprob/beam_score.
+#   Data parallelism: SamplingParams.session_key, KvEvents (scheduler -> frontend: prefix-cache keys
+#   stored/evicted and load, every 0.1 s), KvSnapshotQuery (frontend -> scheduler, after a gap).
+PROTOCOL_VERSION = 4
 
 # Bounds on untrusted sizes. The frame itself is bounded by ZMQ_MAXMSGSIZE (shared/ipc.py).
 MAX_PROMPT_TOKENS = 1 << 20
@@ -42,6 +46,7 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_TOKEN_IDS = 256
 MAX_N = 64
 MAX_LOGPROBS = 20  # top-k logprobs per token at most (vLLM's default max_logprobs)
+MAX_BEAM_WIDTH = 16  # beams per request at most: the worker returns (1 + stop ids) * width candidates per beam
 GREEDY_TEMPERATURE = 1e-5  # a temperature below this samples greedily (as vLLM: dividing by it overflows)
 
 RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
@@ -99,6 +104,19 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
     prompt_logprobs: int | None = None  # the same for every prompt token but the first
     # Tokens must match this JSON Schema, regex, choice or grammar (shared/structured.py).
     structured_outputs: StructuredOutputs | None = None
+    # Beam search (docs/architecture.md, "Beam search"): `best_of` beams (default n) and the n best
+    # finished hypotheses returned, best first, as transformers' generate(num_beams=best_of,
+    # num_return_sequences=n, do_sample=False). A hypothesis scores sum(logprobs) / len ** length_penalty,
+    # len its generated tokens (EOS included). early_stopping: True stops once best_of hypotheses are
+    # done; False stops when the best running beam cannot beat the worst kept hypothesis at its
+    # current length; "never" at the longest possible length when length_penalty > 0.
+    use_beam_search: bool = False
+    best_of: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    # Data parallelism (docs/data_parallel.md): requests with the same key go to the same engine
+    # replica while it is up and not overloaded (its prefix cache then holds their shared context).
+    session_key: Annotated[str, Meta(max_length=256)] = ""
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first bad field. Each field is checked on its own first;
@@ -132,6 +150,36 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
                 self.structured_outputs.validate()
             except ValueError as e:
                 raise ValueError(f"structured_outputs: {e}") from None
+        if self.use_beam_search:
+            self._validate_beam_search()
+        elif self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is the beam width: it needs use_beam_search")
+
+    def _validate_beam_search(self) -> None:
+        """Beam search is deterministic and ranks whole hypotheses: what samples, reshapes the
+        distribution, streams per token or ends an output by text has no meaning in it."""
+        width = self.beam_width
+        if not self.n <= width <= MAX_BEAM_WIDTH:
+            raise ValueError(f"best_of (the beam width) must be in [n, {MAX_BEAM_WIDTH}], got {width} with n={self.n}")
+        if not -10.0 <= self.length_penalty <= 10.0:
+            raise ValueError(f"length_penalty must be in [-10, 10], got {self.length_penalty}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f'early_stopping must be true, false or "never", got {self.early_stopping!r}')
+        if not self.greedy:
+            raise ValueError("use_beam_search needs temperature 0 (beam search does not sample)")
+        incompatible = [name for name, bad in (
+            ("top_p", self.top_p != 1.0), ("top_k", self.top_k not in (0, -1)), ("min_p", self.min_p != 0.0),
+            ("presence_penalty", self.presence_penalty != 0.0), ("frequency_penalty", self.frequency_penalty != 0.0),
+            ("repetition_penalty", self.repetition_penalty != 1.0), ("min_tokens", self.min_tokens != 0),
+            ("logprobs", self.logprobs is not None), ("prompt_logprobs", self.prompt_logprobs is not None),
+            ("stop", bool(self.stop)), ("structured_outputs", self.structured_outputs is not None)) if bad]
+        if incompatible:
+            raise ValueError(f"use_beam_search cannot be combined with {', '.join(incompatible)}")
+
+    @property
+    def beam_width(self) -> int:
+        """Beams kept per step: best_of, or n when unset."""
+        return self.best_of if self.best_of is not None else self.n
 
     def _validate_other_fields(self) -> None:
         if not 0.0 <= self.min_p <= 1.0:
@@ -235,6 +283,10 @@ class CompletionOutput(Struct, kw_only=True, forbid_unknown_fields=True):
     token_ids: list[int]  # generated ids only
     finish_reason: str  # a FinishReason value
     logprobs: list[TokenLogprobs] | None = None  # one per token id, when params.logprobs is set
+    # Beam search only: the hypothesis' sum of token logprobs (natural log) and its score
+    # (that sum / generated tokens ** length_penalty, what outputs are ranked by).
+    cumulative_logprob: float | None = None
+    beam_score: float | None = None
 
 
 class Completion(_ClientStruct, tag="completion"):
@@ -355,7 +407,12 @@ class TokenizerInfo(_Internal, tag="tokenizer"):
     tokenizer_json: str
 
 
-FrontendMessage = Union[FrontendHello, AddRequest, AbortRequests, FinishOutputs, StatsQuery, TokenizerInfo]
+class KvSnapshotQuery(_Internal, tag="kv_snap_q"):
+    """The frontend missed a `KvEvents` (a gap in `seq`): the scheduler answers with a snapshot."""
+
+
+FrontendMessage = Union[FrontendHello, AddRequest, AbortRequests, FinishOutputs, StatsQuery, TokenizerInfo,
+                        KvSnapshotQuery]
 
 
 class EngineInfo(_Internal, tag="engine_info"):
@@ -399,6 +456,12 @@ class TokenDelta(_Internal, tag="td"):
     # then to that first token. None on every other delta.
     queue_time_s: float | None = None
     prefill_time_s: float | None = None
+    # Beam search: a finished hypothesis comes whole on one delta, with its sum of logprobs and score,
+    # and (on index 0) the request's KV figures: {"beam_kv_blocks_shared": ..., "beam_kv_blocks_unshared": ...}
+    # summed over its steps (blocks its beams held, and what a copy per beam would have held).
+    cumulative_logprob: float | None = None
+    beam_score: float | None = None
+    beam_stats: dict[str, int] = field(default_factory=dict)
 
 
 class EngineOutputs(_Internal, tag="outputs"):
@@ -416,7 +479,33 @@ class StatsResult(_Internal, tag="stats_r"):
     stats: dict[str, Any]
 
 
-SchedulerMessage = Union[EngineInfo, EngineOutputs, RequestRejected, StatsResult]
+class KvEvents(_Internal, tag="kv"):
+    """Sent to every frontend at least every 0.1 s (scheduler/kv_events.py): which prefix-cache keys
+    (`shared/block_hash.route_key`) were stored and evicted since the previous message, and the load.
+
+    `seq` counts messages of this scheduler process (`scheduler_id`) from 1, each frontend seeing
+    every number in order: a frontend that sees a gap asks for a snapshot (`KvSnapshotQuery`). A
+    snapshot (`snapshot=True`, also sent to a new frontend and after the cache was cleared) lists
+    every cached key in `stored` and replaces what the frontend knew; it repeats the `seq` of the
+    last message, so the next delta follows on from it. A key both stored and evicted since the last
+    message appears once, in the list of what happened last."""
+
+    scheduler_id: str
+    seq: int
+    snapshot: bool = False
+    stored: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    waiting: int = 0  # requests queued, not yet admitted
+    running: int = 0  # sequences in the running batch
+    free_blocks: int = 0  # device KV blocks not referenced (cached ones included: they can be evicted)
+    total_blocks: int = 0
+    step_time_ms: float = 0.0  # the median step time lately
+    prefix_hit_tokens: int = 0  # since start: prompt tokens found in the prefix cache
+    prefix_queried_tokens: int = 0  # since start: prompt tokens looked up
+    draining: bool = False  # stopping (SIGTERM): it refuses new requests and finishes those it has
+
+
+SchedulerMessage = Union[EngineInfo, EngineOutputs, RequestRejected, StatsResult, KvEvents]
 
 
 # --------------------------------------------------------------------------
@@ -469,6 +558,11 @@ class ScheduledSeq(Struct, array_like=True, omit_defaults=True):
     num_tokens: int
     num_computed_tokens: int
     new_block_ids: list[int] = field(default_factory=list)
+    # Beam search: > 0 makes this a beam row: when it samples, the worker returns its top
+    # `num_candidates` (token, logprob) in `StepResult.candidates` and appends no token. The token
+    # the scheduler then chose comes back in `append_token_ids`, appended before this step's chunk.
+    num_candidates: int = 0
+    append_token_ids: list[int] = field(default_factory=list)
 
 
 BlockPairs = list[tuple[int, int]]  # (src block id, dst block id)
@@ -526,7 +620,8 @@ PlanMessage = Union[StepPlan, StepMasks, Shutdown, HelloAck, Rejoin]
 
 class StepResult(_Internal, tag="result"):
     """`sampled[i]` is the token sampled for `plan.scheduled[i]`, or -1 when that
-    sequence's chunk did not reach its end (a partial prefill)."""
+    sequence's chunk did not reach its end (a partial prefill). A beam row's is meaningless:
+    its answer is `candidates[i]`."""
 
     step_id: int
     sampled: list[int]
@@ -540,6 +635,16 @@ class StepResult(_Internal, tag="result"):
     # model's layers), "sample" (LM head, sampling, bookkeeping). Wall-clock on the host: on CUDA, launches are
     # asynchronous, so device time lands where the host first waits (sampling).
     phase_times_s: dict[str, float] = field(default_factory=dict)
+    # Aligned with `sampled` when any row is a beam row, else empty; None for the others.
+    candidates: list[BeamCandidates | None] = field(default_factory=list)
+
+
+class BeamCandidates(Struct, array_like=True):
+    """One beam row's best next tokens, best first: log_softmax of the raw logits (natural log,
+    float32 precision), as transformers' beam search scores them."""
+
+    token_ids: list[int]
+    logprobs: list[float]
 
 
 class WorkerError(_Internal, tag="w_error"):

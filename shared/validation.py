@@ -76,6 +76,15 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, limits: L
             f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) needs {blocks} KV blocks of "
             f"{limits.block_size} tokens; the cache has {limits.num_device_blocks}",
         )
+    # Beam search: every beam may have to be recomputed alone (a parked group, no prefix cache), so
+    # the group must fit as if nothing were shared; sharing only ever uses less.
+    width = params.beam_width if params.use_beam_search else 1
+    if width * blocks > limits.num_device_blocks:
+        raise Rejected(
+            ErrorCode.TOO_LONG,
+            f"beam search with {width} beams of prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) needs up to "
+            f"{width * blocks} KV blocks of {limits.block_size} tokens; the cache has {limits.num_device_blocks}",
+        )
     # Without chunked prefill a sequence recomputed after a preemption just
     # before its last token prefills total - 1 tokens in one step.
     if not limits.enable_chunked_prefill and total - 1 > limits.max_num_batched_tokens:

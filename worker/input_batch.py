@@ -8,7 +8,8 @@ Invariants per sequence: ``token_ids`` holds every known token (prompt + generat
 the latest sampled one); ``block_ids`` is its block table in logical order and is mirrored in row
 ``row`` of the persistent numpy table; a step computes tokens
 ``[num_computed_tokens, num_computed_tokens + num_tokens)`` and samples when that range ends at
-``len(token_ids)``.
+``len(token_ids)``. A beam row (``ScheduledSeq.num_candidates``) appends no sampled token: the one
+the scheduler chose arrives in its next ``append_token_ids`` (worker/beam_candidates.py).
 
 Sampling parameters and penalty counts of each row live in `SamplingState` (worker/sampling_state.py),
 set when a sequence is added and updated in place after each sampled token.
@@ -132,6 +133,8 @@ class InputBatch:
             if seq is None:
                 raise ValueError(f"seq {work.seq_id} is scheduled but was never registered")
             self._append_blocks(seq, work.new_block_ids)
+            if work.append_token_ids:  # a beam's token, chosen by the scheduler after the last step
+                seq.token_ids.extend(work.append_token_ids)
             start, end = work.num_computed_tokens, work.num_computed_tokens + work.num_tokens
             if work.num_tokens < 1 or start < 0 or end > len(seq.token_ids):
                 raise ValueError(f"seq {seq.seq_id}: tokens [{start}, {end}) of {len(seq.token_ids)} known")
@@ -205,8 +208,9 @@ class InputBatch:
         it for penalties, from `sampled_tensor`, the same ids on the device)."""
         for work in scheduled:
             self.seqs[work.seq_id].num_computed_tokens = work.num_computed_tokens + work.num_tokens
-        for seq, token in zip(inputs.sampled_seqs, sampled):
-            seq.token_ids.append(token)
+        for position, seq, token in zip(inputs.sampled_positions, inputs.sampled_seqs, sampled):
+            if not scheduled[position].num_candidates:  # a beam row's token is the scheduler's to choose
+                seq.token_ids.append(token)
         if inputs.sampling is not None and sampled:
             if sampled_tensor is None:
                 sampled_tensor = torch.tensor(sampled, dtype=torch.int64, device=self.device)

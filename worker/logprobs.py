@@ -44,3 +44,26 @@ def prompt_logprobs(logits: torch.Tensor, next_ids: torch.Tensor, k: int) -> lis
     """One prompt chunk: logits ``[T, vocab]`` at positions p predict the prompt tokens
     `next_ids` ``[T]`` at p + 1."""
     return to_wire(torch.log_softmax(logits.to(torch.float32), dim=-1), next_ids, [k] * len(next_ids))
+
+
+# Prompt logprobs are computed this many positions at a time: a [chunk, vocab] float32 block each.
+PROMPT_LOGPROBS_CHUNK = 256
+
+
+def collect_prompt_logprobs(compute_logits, hidden: torch.Tensor, spans, device: torch.device) -> None:
+    """Append this chunk's prompt logprobs to each sequence that wants them (rare: not batched).
+    `spans`: `StepInputs.prompt_logprob_spans`; `compute_logits`: `ModelRunner.compute_logits`
+    (None off rank 0; collective, so every rank calls it for the same rows)."""
+    for seq, flat_start, first_position, count in spans:
+        k = seq.params.prompt_logprobs
+        for offset in range(0, count, PROMPT_LOGPROBS_CHUNK):
+            n = min(PROMPT_LOGPROBS_CHUNK, count - offset)
+            logits = compute_logits(hidden[flat_start + offset:flat_start + offset + n])
+            if logits is None:
+                # Not rank 0: placeholders keep the list as long as rank 0's, so every rank's
+                # batch makes the same prompt-logprob decisions (and calls the same collectives).
+                seq.prompt_logprobs.extend([None] * n)
+                continue
+            position = first_position + offset + 1  # of the first predicted prompt token
+            next_ids = torch.tensor(seq.token_ids[position:position + n], dtype=torch.int64, device=device)
+            seq.prompt_logprobs.extend(prompt_logprobs(logits, next_ids, k))

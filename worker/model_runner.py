@@ -24,6 +24,7 @@ from shared.models import resolve_model
 from shared.protocol import PROTOCOL_VERSION, StepPlan, StepResult, WorkerHello
 from worker.activation_profile import profile_activation_peak
 from worker.attention import get_attention_backend
+from worker.beam_candidates import add_candidates, beam_rows
 from worker.cpu_linear import pack_linears, should_pack
 from worker.decode_graphs import Capture, DecodeGraphs, capture_sizes, cuda_capture
 from worker.grammar_mask import apply_grammar_masks
@@ -32,12 +33,9 @@ from worker.kernel_build import cpu_kernel_status, prepare_cpu_kernel
 from worker.kv_cache import (GIB, KVCache, allocate_kv_cache, bytes_per_block, kv_cache_budget_bytes,
                              plan_num_blocks)
 from worker.loader import load_model, resolve_dtype
+from worker.logprobs import collect_prompt_logprobs
 from worker.parallel import ParallelGroup
-from worker.logprobs import prompt_logprobs
 from worker.sampler import Sampler
-
-# Prompt logprobs are computed this many positions at a time: a [chunk, vocab] float32 block each.
-PROMPT_LOGPROBS_CHUNK = 256
 
 log = get_logger("worker.model_runner")
 
@@ -227,7 +225,7 @@ class ModelRunner:
             else:
                 hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache.layers())
             sample_started = time.perf_counter()
-            self._collect_prompt_logprobs(hidden, inputs)
+            collect_prompt_logprobs(self.compute_logits, hidden, inputs.prompt_logprob_spans, self.device)
             if inputs.sampling is None:
                 self.batch.record(plan.scheduled, inputs, [])
             else:
@@ -252,6 +250,9 @@ class ModelRunner:
                 apply_grammar_masks(logits, await_masks(plan.step_id), [row_of[r] for r in plan.masked_rows])
             out = self.sampler.sample(logits, inputs.sampling, self.batch.sampling)
             token_ids, logprobs = out.token_ids, out.logprobs
+            beams = beam_rows(plan.scheduled, inputs.sampled_positions)
+            if beams:  # beam rows return candidates; their sampled token is ignored
+                add_candidates(result, logits, beams, plan.scheduled, inputs.sampled_positions)
         else:
             token_ids = torch.empty(len(inputs.sampled_seqs), dtype=torch.int64, device=self.device)
             logprobs = None
@@ -271,22 +272,6 @@ class ModelRunner:
                         result.prompt_logprobs = [[] for _ in range(num_scheduled)]
                     result.prompt_logprobs[position] = seq.prompt_logprobs
                 seq.prompt_logprobs = None
-
-    def _collect_prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> None:
-        """Append this chunk's prompt logprobs to each sequence that wants them (rare: not batched)."""
-        for seq, flat_start, first_position, count in inputs.prompt_logprob_spans:
-            k = seq.params.prompt_logprobs
-            for offset in range(0, count, PROMPT_LOGPROBS_CHUNK):
-                n = min(PROMPT_LOGPROBS_CHUNK, count - offset)
-                logits = self.compute_logits(hidden[flat_start + offset:flat_start + offset + n])
-                if logits is None:
-                    # Not rank 0: placeholders keep the list as long as rank 0's, so every rank's
-                    # batch makes the same prompt-logprob decisions (and calls the same collectives).
-                    seq.prompt_logprobs.extend([None] * n)
-                    continue
-                position = first_position + offset + 1  # of the first predicted prompt token
-                next_ids = torch.tensor(seq.token_ids[position:position + n], dtype=torch.int64, device=self.device)
-                seq.prompt_logprobs.extend(prompt_logprobs(logits, next_ids, k))
 
     def _host(self) -> KVCache:
         if self.host_cache is None:

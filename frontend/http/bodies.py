@@ -57,6 +57,11 @@ class _Sampling(_Body, kw_only=True):
     priority: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # beam search, as vLLM's extra body (shared/protocol.py SamplingParams; temperature defaults to 0 with
+    # it; the completions endpoint's best_of is then the beam width)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
     # structured output: vLLM's object, or its older guided_* fields (frontend/http/structured.py)
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | str | None = None

@@ -19,7 +19,7 @@ def completion_generate(body: CompletionBody, request_id: str, served_model: str
         raise bad_field("echo", "echo is not supported: the reply holds the generated text only")
     if body.suffix:
         raise bad_field("suffix", "suffix is not supported: this server does not fill in the middle")
-    if body.best_of is not None and body.best_of > body.n:
+    if body.best_of is not None and body.best_of > body.n and not body.use_beam_search:
         raise bad_field("best_of", f"best_of ({body.best_of}) > n ({body.n}) is not supported: ask for n "
                                    f"completions and choose among them")
     prompt, token_ids = _prompt(body.prompt)
@@ -62,7 +62,12 @@ def _params(body: _Sampling, max_tokens: int | None, logprobs: int | None) -> p.
     given = {name: getattr(body, name) for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty",
                                                     "top_k", "min_p", "repetition_penalty", "seed")}
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return p.SamplingParams(n=body.n, max_tokens=max_tokens, stop=stop, stop_token_ids=list(body.stop_token_ids or []),
+    if body.use_beam_search and body.temperature is None:
+        given["temperature"] = 0.0  # beam search does not sample: only temperature 0 is valid with it
+    best_of = getattr(body, "best_of", None) if body.use_beam_search else None  # the beam width
+    return p.SamplingParams(use_beam_search=body.use_beam_search, best_of=best_of,
+                            length_penalty=body.length_penalty, early_stopping=body.early_stopping,
+                            n=body.n, max_tokens=max_tokens, stop=stop, stop_token_ids=list(body.stop_token_ids or []),
                             ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, logprobs=logprobs,
                             skip_special_tokens=body.skip_special_tokens,
                             include_stop_str_in_output=body.include_stop_str_in_output,

@@ -39,9 +39,9 @@ def _error(message: str, code: int = 400) -> dict:
     return {"error": {"message": message, "type": "BadRequestError", "param": None, "code": code}}
 
 
-def _invalid(body: dict) -> str | None:
+def _invalid(body: dict, model: str = MODEL) -> str | None:
     """What the bench must send; a 400 names the first thing that is not so."""
-    checks = {"model": body.get("model") == MODEL,
+    checks = {"model": body.get("model") == model,
               "prompt": isinstance(body.get("prompt"), list) and all(type(t) is int for t in body["prompt"]),
               "max_tokens": type(body.get("max_tokens")) is int and body["max_tokens"] > 0,
               "temperature": body.get("temperature") == 0, "stream": body.get("stream") is True,
@@ -51,8 +51,8 @@ def _invalid(body: dict) -> str | None:
 
 
 class FakeOpenAIServer:
-    def __init__(self, faulty: bool = False, api_key: str | None = None):
-        self.faulty, self.api_key = faulty, api_key
+    def __init__(self, faulty: bool = False, api_key: str | None = None, model: str = MODEL, port: int = 0):
+        self.faulty, self.api_key, self.model, self.port = faulty, api_key, model, port
         self.bodies: list[dict] = []  # every completion request, in arrival order
         self.auth: list[str | None] = []  # its Authorization header
         self._loop = asyncio.new_event_loop()
@@ -64,7 +64,7 @@ class FakeOpenAIServer:
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
-            {"id": MODEL, "object": "model", "created": 0, "owned_by": OWNER, "max_model_len": 2048}]})
+            {"id": self.model, "object": "model", "created": 0, "owned_by": OWNER, "max_model_len": 2048}]})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -73,7 +73,7 @@ class FakeOpenAIServer:
         number = len(self.bodies)  # 1-based, counted before any await: arrival order
         if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return web.json_response(_error("invalid API key", 401), status=401)
-        if (field := _invalid(body)) is not None:
+        if (field := _invalid(body, self.model)) is not None:
             return web.json_response(_error(f"invalid field {field}"), status=400)
         if self.faulty and number == 2:
             return web.json_response(_error("prompt is too long for this fake"), status=400)
@@ -110,7 +110,7 @@ class FakeOpenAIServer:
         app.router.add_post("/v1/completions", self._completions)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)  # port 0: a free one
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)  # port 0: a free one
         await site.start()
         self.port = self._runner.addresses[0][1]
 

@@ -1,6 +1,7 @@
 """The CLI against a running server, as a user runs it: `--pid-file` names exactly this server,
-`generate --json` carries the finish reason, `--json-schema` shapes the answer, an answer cut short
-by a drain exits non-zero and says so, and `stats` into a closed pipe exits quietly."""
+`generate --json` carries the finish reason, `--json-schema` shapes the answer, `--beam-width` prints
+the best hypotheses with their scores, an answer cut short by a drain exits non-zero and says so,
+and `stats` into a closed pipe exits quietly."""
 
 from __future__ import annotations
 
@@ -40,6 +41,13 @@ def test_pid_file_json_answer_closed_pipe_and_a_cut_short_answer(tmp_path):
                                 capture_output=True, text=True, timeout=120)
         assert shaped.returncode == 0, shaped.stderr
         assert set(json.loads(json.loads(shaped.stdout)["text"])) == {"city"}
+
+        beams = subprocess.run([*CLI, "generate", "--server", srv.address, "--json", "--max-tokens", "8",
+                                "--beam-width", "3", "-n", "2", "What is the capital of France?"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=120)
+        assert beams.returncode == 0, beams.stderr
+        outputs = json.loads(beams.stdout)["outputs"]  # best first, each with its score
+        assert len(outputs) == 2 and outputs[0]["beam_score"] >= outputs[1]["beam_score"]
 
         piped = subprocess.run(f"{sys.executable} -m launcher stats --json --server {srv.address} | head -c 10; "
                                f"exit ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash", cwd=ROOT,

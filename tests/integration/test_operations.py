@@ -28,7 +28,8 @@ from shared.protocol import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UNITS_DIR = os.path.join(ROOT, "systemd")
-SERVICES = ["pagedserve-scheduler.service", "pagedserve-frontend.service", "pagedserve-worker@.service"]
+SERVICES = ["pagedserve-scheduler.service", "pagedserve-frontend.service", "pagedserve-worker@.service",
+            "pagedserve-replica@.service", "pagedserve-replica-worker@.service"]
 COMMON_FIELDS = {"event", "level", "ts", "role", "pid"}
 MAX_EXPOSURE = 6.0
 
@@ -91,7 +92,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
         shutil.copy(os.path.join(UNITS_DIR, name), tmp_path)
     units = [str(tmp_path / n) for n in
              ("pagedserve-scheduler.service", "pagedserve-frontend.service", "pagedserve-worker@.service",
-              "pagedserve-worker@0.service", "pagedserve.target")]
+              "pagedserve-worker@0.service", "pagedserve.target", "pagedserve-replica@.service",
+              "pagedserve-replica@0.service", "pagedserve-replica-worker@0.service", "pagedserve-replicas.target")]
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *units], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

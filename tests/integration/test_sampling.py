@@ -226,3 +226,39 @@ def test_bad_sampling_params_name_the_field(server):
             with pytest.raises(RequestError) as e:
                 c.generate("hi", SamplingParams(**kwargs))
             assert e.value.code == "invalid_request" and field in e.value.message
+
+
+def test_beam_search_through_both_clients_equals_transformers(server, hf_model):
+    """Both SDKs' beam_search: the n best hypotheses of transformers' beam search, best first, with
+    scores; the KV figures on request.finished; incompatible parameters named."""
+    _, model = hf_model
+    with Client(server.address) as c:
+        # Longer than a block: the beams share its full blocks (each copies the partial last one).
+        out = c.beam_search("PagedAttention keeps the key-value cache in fixed-size blocks, and a block table "
+                            "maps each sequence's logical blocks to physical ones. In short,", 4, n=2, max_tokens=8)
+        with pytest.raises(RequestError) as e:
+            c.generate("hi", SamplingParams(use_beam_search=True, best_of=2, temperature=0.0, stop=["."]))
+        assert e.value.code == "invalid_request" and "stop" in e.value.message
+
+    async def run_async():
+        async with AsyncClient(server.address) as ac:
+            return await ac.beam_search("Once upon a time", 2, n=2, max_tokens=8, length_penalty=0.5)
+
+    out_async = asyncio.run(run_async())
+    for completion, width, length_penalty in ((out, 4, 1.0), (out_async, 2, 0.5)):
+        prompt = completion.prompt_token_ids
+        eos = model.generation_config.eos_token_id
+        with torch.inference_mode():
+            ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 num_beams=width, num_return_sequences=2, length_penalty=length_penalty,
+                                 do_sample=False, max_new_tokens=8, eos_token_id=eos, pad_token_id=eos,
+                                 output_scores=True, return_dict_in_generate=True)
+        eos_ids = {eos} if isinstance(eos, int) else set(eos)
+        for o, seq, score in zip(completion.outputs, ref.sequences.tolist(), ref.sequences_scores.tolist()):
+            generated = seq[len(prompt):]
+            ends = [i for i, t in enumerate(generated) if t in eos_ids]
+            assert o.token_ids == (generated[:ends[0] + 1] if ends else generated)
+            assert o.beam_score == pytest.approx(score, abs=LOGPROB_ATOL)
+            assert o.cumulative_logprob <= 0.0
+    finished = server.wait_for("request.finished", request_id=out.request_id)
+    assert 0 < finished["beam_kv_blocks_shared"] < finished["beam_kv_blocks_unshared"]

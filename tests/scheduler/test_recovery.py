@@ -125,9 +125,14 @@ class FakeWorkers:
         return self._dealer(ident, "scheduler-worker.sock")
 
     def recv(self, sock: zmq.Socket, timeout_ms: int = 20_000):
-        if not sock.poll(timeout_ms):
-            return None
-        return (self.outputs if sock is self.frontend else self.plans).decode(sock.recv())
+        """The next message on `sock`, or None after `timeout_ms`; the frontend's `KvEvents`
+        (routing reports every 0.1 s, scheduler/kv_events.py) are skipped."""
+        while True:
+            if not sock.poll(timeout_ms):
+                return None
+            msg = (self.outputs if sock is self.frontend else self.plans).decode(sock.recv())
+            if not isinstance(msg, p.KvEvents):
+                return msg
 
     def recv_kind(self, sock: zmq.Socket, kind, timeout_ms: int = 20_000):
         """The next message of `kind`, skipping others (EngineInfo updates, say)."""

@@ -76,10 +76,14 @@ class FakeGroup:
         self.outputs = p.decoder_for(p.SchedulerMessage)
 
     def recv(self, sock: zmq.Socket, timeout_ms: int = 20_000):
-        """The next message on `sock`, or None after `timeout_ms`."""
-        if not sock.poll(timeout_ms):
-            return None
-        return (self.outputs if sock is self.frontend else self.plans).decode(sock.recv())
+        """The next message on `sock`, or None after `timeout_ms`. The frontend's `KvEvents` (routing
+        reports, every 0.1 s: scheduler/kv_events.py) are skipped."""
+        while True:
+            if not sock.poll(timeout_ms):
+                return None
+            msg = (self.outputs if sock is self.frontend else self.plans).decode(sock.recv())
+            if not isinstance(msg, p.KvEvents):
+                return msg
 
     def close(self) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -112,6 +112,8 @@ def serve(runner, spec: dict, preemption_mode: str) -> dict:
                           vocab_size=runner.args.vocab_size,
                           eos_token_ids=runner.eos_token_ids, num_host_blocks=runner.num_host_blocks)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    if spec.get("beam_width"):  # beam search: the best hypothesis of that many beams
+        params = msgspec.structs.replace(params, use_beam_search=True, best_of=spec["beam_width"])
     for i, prompt in enumerate(spec["requests"]):
         rejected = scheduler.add_request(AddRequest(f"r{i}", prompt, params, arrival_time=float(i)), b"test")
         assert rejected is None, rejected
@@ -123,13 +125,35 @@ def serve(runner, spec: dict, preemption_mode: str) -> dict:
         plan = scheduler.schedule()
         if not plan.scheduled:
             continue
-        for _, delta in scheduler.update(runner.execute(plan)):
+        result = runner.execute(plan)
+        if any(work.num_candidates for work in plan.scheduled):
+            share_candidates(runner, result)
+        for _, delta in scheduler.update(result):
             tokens[delta.request_id] += delta.token_ids
             if delta.finish_reason is not None:
                 finished.add(delta.request_id)
     assert finished == set(tokens), "every request must finish"
     runner.execute(StepPlan(step_id=-1, scheduled=[], finished_seq_ids=sorted(runner.batch.seqs)))  # a clean slate
     return {"tokens": tokens, "stats": scheduler.stats()}
+
+
+def share_candidates(runner, result) -> None:
+    """Rank 0 alone returns beam candidates (as in serving, where only its result reaches the one
+    scheduler); here every rank drives its own Scheduler, so rank 0's are broadcast to the others,
+    msgpack-encoded in a uint8 tensor."""
+    import msgspec
+    import torch
+
+    from shared.protocol import BeamCandidates
+
+    kind = list[BeamCandidates | None]
+    data = msgspec.msgpack.encode(result.candidates) if runner.group.is_driver else b""
+    size = runner.group.broadcast(torch.tensor([len(data)], dtype=torch.int64))
+    buffer = torch.zeros(int(size.item()), dtype=torch.uint8)
+    if runner.group.is_driver:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    runner.group.broadcast(buffer)
+    result.candidates = msgspec.msgpack.decode(buffer.numpy().tobytes(), type=kind)
 
 
 def main(spec_path: str, rank: int) -> int:

@@ -191,3 +191,16 @@ def test_default_model_at_tp3_matches_tp1(tmp_path):
     assert sharded["result"]["kv_heads"] == 1
     worst = _compare(reference, sharded, DEFAULT_ATOL)
     print(f"default model TP=3: max |logit difference| {worst:.2e}")
+
+
+def test_beam_search_on_tp2_matches_tp1(small_llama, tmp_path):
+    """Beam rows under tensor parallelism: rank 0's candidates, no rank appending a sampled token,
+    the same best hypotheses as TP=1, with preemption by recompute and swap."""
+    spec = {**_small_spec(small_llama), "beam_width": 2, "logit_prompts": []}
+    reference = run_group(spec, 1, str(tmp_path / "tp1"))["result"]
+    sharded = run_group(spec, 2, str(tmp_path / "tp2"))["result"]
+    for mode in reference["modes"]:
+        assert sharded[mode]["tokens"] == reference[mode]["tokens"], mode
+        assert all(len(t) == spec["max_tokens"] for t in reference[mode]["tokens"].values())
+        assert reference[mode]["stats"]["beam_forks"] > 0
+    assert sum(reference[mode]["stats"]["preemptions"] for mode in reference["modes"]) > 0
