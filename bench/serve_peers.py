@@ -22,18 +22,8 @@ from bench.goodput import slos_ms
 from bench.launch import free_port
 from bench.peer_runs import PEER_NAMES, http_peer
 from bench.peer_setup import PeerUnavailable
-from bench.serve_variants import per_request_ms, plot_variants, variants_table
+from bench.serve_variants import plot_variants, sweep, variants_table
 from bench.targets import OpenAITarget, open_target
-
-
-def _sweep(args, target, requests) -> dict:
-    rates = {}
-    for rate in args.request_rate:
-        run = target.run(requests, rate, slos_ms(args.goodput), burstiness=args.burstiness,
-                         max_concurrency=args.max_concurrency, seed=args.seed)
-        run["per_request_ms"] = per_request_ms(run.pop("_records"))
-        rates[f"{rate:g}"] = run
-    return rates
 
 
 def run_engines(args, requests, server_flags: list[str], header: Callable, stem: str) -> dict:
@@ -44,16 +34,16 @@ def run_engines(args, requests, server_flags: list[str], header: Callable, stem:
     log_path = os.path.join(args.out, stem + ".server.log")
     with open_target(args, log_path, [*server_flags, "--http-listen", http]) as target:
         head = header(target)
-        engines["pagedserve"] = {"server": {"flags": server_flags}, "rates": _sweep(args, target, requests)}
+        engines["pagedserve"] = {"server": {"flags": server_flags}, "rates": sweep(args, target, requests)}
         if "http" in args.peers:
             over_http = OpenAITarget(f"http://{http}", None)  # the model /v1/models names
             over_http.name = PEER_NAMES["http"]
             engines[PEER_NAMES["http"]] = {"server": {"flags": server_flags, "http": http},
-                                           "rates": _sweep(args, over_http, requests)}
+                                           "rates": sweep(args, over_http, requests)}
     for name in (n for n in args.peers if n != "http"):
         try:
             with http_peer(name, args, requests) as peer:
-                engines[PEER_NAMES[name]] = {"server": peer.peer, "rates": _sweep(args, peer, requests)}
+                engines[PEER_NAMES[name]] = {"server": peer.peer, "rates": sweep(args, peer, requests)}
         except PeerUnavailable as exc:
             print(f"  {PEER_NAMES[name]} is unavailable: {exc}", file=sys.stderr)
             unavailable[PEER_NAMES[name]] = str(exc)

@@ -57,14 +57,20 @@ def run_variants(args, requests, server_flags: list[str], header: Callable, stem
         print(f"variant {name}: {' '.join(flags) or '(defaults)'}", file=sys.stderr)
         with open_target(args, log_path, [*server_flags, *flags]) as target:
             head = head or header(target)
-            rates = {}
-            for rate in args.request_rate:
-                run = target.run(requests, rate, slos_ms(args.goodput), burstiness=args.burstiness,
-                                 max_concurrency=args.max_concurrency, seed=args.seed)
-                run["per_request_ms"] = per_request_ms(run.pop("_records"))
-                rates[f"{rate:g}"] = run
+            rates = sweep(args, target, requests)
         variants[name] = {"server_args": flags, "rates": rates}
     return {**head, "burstiness": args.burstiness, "max_concurrency": args.max_concurrency, "variants": variants}
+
+
+def sweep(args, target, requests) -> dict[str, dict]:
+    """Every --request-rate against `target` -> {rate: summary with per_request_ms, no records}."""
+    rates = {}
+    for rate in args.request_rate:
+        run = target.run(requests, rate, slos_ms(args.goodput), burstiness=args.burstiness,
+                         max_concurrency=args.max_concurrency, seed=args.seed)
+        run["per_request_ms"] = per_request_ms(run.pop("_records"))
+        rates[f"{rate:g}"] = run
+    return rates
 
 
 def per_request_ms(records) -> list[list[float | None]]:

@@ -55,15 +55,9 @@ class EngineStatus:
             self.became_ready.set()
 
     def limits(self) -> Limits:
-        """The limits any one request must fit (shared/validation.py), from the last ready EngineInfo.
-        A scheduler older than max_num_batched_tokens in EngineInfo sends 0: then the step budget
-        is taken as max_model_len, so the check it feeds passes no more than the model allows."""
-        info = self.info
-        assert info is not None, "limits before the server was ever ready"
-        return Limits(max_model_len=info.max_model_len, vocab_size=info.vocab_size,
-                      num_device_blocks=info.num_device_blocks, block_size=info.block_size,
-                      max_num_batched_tokens=info.max_num_batched_tokens or info.max_model_len,
-                      enable_chunked_prefill=info.enable_chunked_prefill)
+        """The limits any one request must fit, from the last ready EngineInfo."""
+        assert self.info is not None, "limits before the server was ever ready"
+        return limits_of(self.info)
 
     def health(self, draining: bool) -> str:
         """HealthReply.status. degraded: the workers are recovering from a failure (or the
@@ -74,3 +68,13 @@ class EngineStatus:
             return "starting"
         info = self.latest or p.EngineInfo(ready=False)
         return "degraded" if not self.ready or info.workers_ready < info.workers_expected else "ok"
+
+
+def limits_of(info: p.EngineInfo) -> Limits:
+    """The limits any one request must fit (shared/validation.py) on the engine `info` describes.
+    A scheduler older than max_num_batched_tokens in EngineInfo sends 0: then the step budget
+    is taken as max_model_len, so the check it feeds passes no more than the model allows."""
+    return Limits(max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+                  num_device_blocks=info.num_device_blocks, block_size=info.block_size,
+                  max_num_batched_tokens=info.max_num_batched_tokens or info.max_model_len,
+                  enable_chunked_prefill=info.enable_chunked_prefill)

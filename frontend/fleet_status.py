@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+from frontend.engine_status import limits_of
 from shared import protocol as p
 from shared.validation import Limits
 
@@ -61,12 +62,8 @@ class FleetStatus:
         return next((r.status.refusal for r in self._replicas if r.status.refusal), "")
 
     def limits(self) -> Limits:
-        info = self.info
-        assert info is not None, "limits before the server was ever ready"
-        return Limits(max_model_len=info.max_model_len, vocab_size=info.vocab_size,
-                      num_device_blocks=info.num_device_blocks, block_size=info.block_size,
-                      max_num_batched_tokens=info.max_num_batched_tokens or info.max_model_len,
-                      enable_chunked_prefill=info.enable_chunked_prefill)
+        assert self.info is not None, "limits before the server was ever ready"
+        return limits_of(self.info)
 
     def health(self, draining: bool) -> str:
         """HealthReply.status: degraded while any replica is down or short of workers (one replica:
