@@ -202,7 +202,8 @@ def throughput(args) -> int:
     print(report.throughput_table(result["engines"], baseline=target.name))
     for name, agreement in result["greedy_agreement"].items():
         print(f"{name}: greedy tokens identical to {target.name}'s on {agreement['identical']} of "
-              f"{agreement['compared']} requests")
+              f"{agreement['compared']} requests; {agreement['prefix_tokens_equal']} of {agreement['tokens']} "
+              f"tokens before the first difference")
     for name, why in result["unavailable"].items():
         print(f"{name}: UNAVAILABLE: {why.splitlines()[0]}")
     if args.backend == "zmq":

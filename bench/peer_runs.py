@@ -76,7 +76,7 @@ def throughput_peer(name: str, args, requests) -> dict:
                                                                lambda: ProgressBar(label, len(requests)))
             return {**summarize(records, duration, slos_ms(args.goodput)), **figures, "_records": records}
         with http_peer(name, args, requests) as target:
-            return target.run(requests, slos_ms=slos_ms(args.goodput))
+            return {**target.run(requests, slos_ms=slos_ms(args.goodput)), **target.peer}
     except PeerUnavailable as exc:
         print(f"  {label} is unavailable: {exc}", file=sys.stderr)
         return {"unavailable": str(exc)}
@@ -130,6 +130,21 @@ def http_peer(name: str, args, requests) -> Iterator:
 
 
 def greedy_agreement(ours: list, theirs: list[list[int]]) -> dict:
-    """How many requests got exactly pagedserve's greedy tokens (records with token ids)."""
+    """How many requests got exactly pagedserve's greedy tokens (records with token ids), and where
+    the others first differ: `first_difference` (token index per differing request) and
+    `prefix_tokens_equal` (tokens before the first difference, summed, out of `tokens`). Greedy
+    decoding in floating point can flip a near-tied argmax when two engines sum in another order;
+    from there the continuations differ, so a late first difference is rounding, an early one a bug."""
     pairs = [(r.token_ids, t) for r, t in zip(ours, theirs) if r.ok and r.token_ids]
-    return {"identical": sum(a == b for a, b in pairs), "compared": len(pairs)}
+    firsts = [_first_difference(a, b) for a, b in pairs]
+    return {"identical": sum(a == b for a, b in pairs), "compared": len(pairs),
+            "first_difference": [f for f in firsts if f is not None],
+            "prefix_tokens_equal": sum(len(a) if f is None else f for (a, _), f in zip(pairs, firsts)),
+            "tokens": sum(len(a) for a, _ in pairs)}
+
+
+def _first_difference(ours: list[int], theirs: list[int]) -> int | None:
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return i
+    return None if len(ours) == len(theirs) else min(len(ours), len(theirs))

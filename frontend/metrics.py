@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from frontend.metrics_replicas import replica_families
 from frontend.requests import FrontendRequest
 from shared import protocol as p
 from shared.logging import get_logger
@@ -94,6 +95,7 @@ class SchedulerCollector:
         for mode in ("recompute", "swap"):
             preemptions.add_metric([self.model_name, mode], stats.get(f"preemptions_{mode}", 0))
         yield preemptions
+        yield from replica_families(PREFIX, self.model_name, stats.get("replicas") or [])
 
 
 def _gauge(name: str, doc: str, labels: list[str], value: float) -> GaugeMetricFamily:

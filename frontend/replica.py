@@ -58,8 +58,8 @@ class Replica:
         """Per-replica stats: load, routing decisions by cause, prefix-cache hit rate."""
         load = self.load or p.KvEvents(scheduler_id="", seq=0)
         queried = load.prefix_queried_tokens
-        return {"addr": self.addr, "routable": self.routable, "alive": self.alive, "draining": self.draining,
-                "retired": self.retired,
+        return {"index": self.index, "addr": self.addr, "routable": self.routable, "alive": self.alive,
+                "draining": self.draining, "retired": self.retired,
                 "scheduler_id": self.status.latest.scheduler_id if self.status.latest else "",
                 "waiting": load.waiting, "running": load.running, "free_blocks": load.free_blocks,
                 "total_blocks": load.total_blocks, "step_time_ms": load.step_time_ms,

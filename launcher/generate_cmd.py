@@ -20,6 +20,7 @@ from shared.protocol import SamplingParams
 from shared.structured import StructuredOutputs
 
 CUT_SHORT = ("abort", "error")
+SESSION_KEY_MAX_CHARS = 256  # SamplingParams.session_key's bound on the wire (shared/protocol.py)
 
 
 def add_arguments(gen: argparse.ArgumentParser) -> None:
@@ -41,6 +42,10 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
                      help="wait this long for the server to become ready (default: 0)")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object (text, finish_reason, token counts) instead of streaming text")
+    gen.add_argument("--session-key", default="", metavar="KEY",
+                     help="routing affinity across engine replicas: requests with one KEY go to the replica "
+                          f"that served the last of them while its load allows (at most {SESSION_KEY_MAX_CHARS} "
+                          "characters)")
     beams = gen.add_argument_group("beam search (prints the best hypotheses at the end, best first)")
     beams.add_argument("--beam-width", type=int, default=0, metavar="W",
                        help="beam search with W beams (best_of); 0: off (default: 0)")
@@ -71,6 +76,22 @@ def _structured(args) -> StructuredOutputs | None:
     return StructuredOutputs(**given) if given else None
 
 
+def sampling_params(args) -> SamplingParams:
+    """The request's SamplingParams from the flags; ValueError (or OSError for a file) names a bad one."""
+    if len(args.session_key) > SESSION_KEY_MAX_CHARS:
+        raise ValueError(f"--session-key is longer than {SESSION_KEY_MAX_CHARS} characters")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
+                            structured_outputs=_structured(args), session_key=args.session_key)
+    if args.beam_width:
+        early = {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)
+        params = msgspec.structs.replace(params, use_beam_search=True, best_of=args.beam_width,
+                                         n=args.num_outputs, length_penalty=args.length_penalty,
+                                         early_stopping=early, temperature=0.0)
+    params.validate()
+    return params
+
+
 def _wait_ready(client: Client, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while True:
@@ -87,15 +108,7 @@ def _wait_ready(client: Client, seconds: float) -> None:
 def run_generate(args) -> int:
     check_address_or_exit("generate", args.server)
     try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
-                                structured_outputs=_structured(args))
-        if args.beam_width:
-            early = {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)
-            params = msgspec.structs.replace(params, use_beam_search=True, best_of=args.beam_width,
-                                             n=args.num_outputs, length_penalty=args.length_penalty,
-                                             early_stopping=early, temperature=0.0)
-        params.validate()
+        params = sampling_params(args)
     except (ValueError, OSError) as e:
         print(f"pagedserve generate: {e}", file=sys.stderr)
         return 2

@@ -18,8 +18,7 @@ from frontend.http.errors import ApiError, bad_field
 from shared.structured import StructuredOutputs
 
 # Accepted and ignored (docs/http.md). logit_bias is accepted only empty (translate.py).
-IGNORED = ("user", "service_tier", "store", "metadata", "parallel_tool_calls", "prompt_cache_key",
-           "safety_identifier")
+IGNORED = ("user", "service_tier", "store", "metadata", "parallel_tool_calls", "safety_identifier")
 
 
 class _Body(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -69,13 +68,15 @@ class _Sampling(_Body, kw_only=True):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
+    # routing affinity across engine replicas (docs/data_parallel.md): ours, else OpenAI's prompt_cache_key
+    session_key: str | None = None
+    prompt_cache_key: str | None = None
     # accepted, ignored (IGNORED)
     user: str | None = None
     service_tier: str | None = None
     store: bool | None = None
     metadata: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    prompt_cache_key: str | None = None
     safety_identifier: str | None = None
 
 

@@ -12,6 +12,8 @@ from frontend.http.errors import bad_field, model_not_found
 from frontend.http.structured import structured_outputs
 from shared import protocol as p
 
+SESSION_KEY_MAX_CHARS = 256  # SamplingParams.session_key's bound on the wire (shared/protocol.py)
+
 
 def completion_generate(body: CompletionBody, request_id: str, served_model: str) -> p.Generate:
     _check_common(body, served_model)
@@ -65,7 +67,7 @@ def _params(body: _Sampling, max_tokens: int | None, logprobs: int | None) -> p.
     if body.use_beam_search and body.temperature is None:
         given["temperature"] = 0.0  # beam search does not sample: only temperature 0 is valid with it
     best_of = getattr(body, "best_of", None) if body.use_beam_search else None  # the beam width
-    return p.SamplingParams(use_beam_search=body.use_beam_search, best_of=best_of,
+    return p.SamplingParams(session_key=_session_key(body),use_beam_search=body.use_beam_search, best_of=best_of,
                             length_penalty=body.length_penalty, early_stopping=body.early_stopping,
                             n=body.n, max_tokens=max_tokens, stop=stop, stop_token_ids=list(body.stop_token_ids or []),
                             ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, logprobs=logprobs,
@@ -73,6 +75,16 @@ def _params(body: _Sampling, max_tokens: int | None, logprobs: int | None) -> p.
                             include_stop_str_in_output=body.include_stop_str_in_output,
                             structured_outputs=structured_outputs(body),
                             **{k: v for k, v in given.items() if v is not None})
+
+
+def _session_key(body: _Sampling) -> str:
+    """`session_key`, else OpenAI's `prompt_cache_key` (its name for the same hint): requests with one key
+    go to the replica that served the last of them while its load allows (frontend/router.py)."""
+    key = body.session_key if body.session_key is not None else body.prompt_cache_key
+    field = "session_key" if body.session_key is not None else "prompt_cache_key"
+    if key is not None and len(key) > SESSION_KEY_MAX_CHARS:
+        raise bad_field(field, f"{field} is longer than {SESSION_KEY_MAX_CHARS} characters")
+    return key or ""
 
 
 def _prompt(prompt: str | list) -> tuple[str | None, list[int] | None]:

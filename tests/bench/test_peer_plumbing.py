@@ -57,9 +57,14 @@ def test_throughput_against_vllm_and_llamacpp(tmp_path, fake_peers):
         assert engine["completed"] == 3 and engine["output_tokens"] == result["engines"]["pagedserve"]["output_tokens"]
     assert set(result["ratios"]) == {"pagedserve / vLLM", "pagedserve / llama.cpp"}
     assert result["engines"]["vLLM"]["version"] == "0.0.fake"
+    llama = result["engines"]["llama.cpp"]
+    assert "llama-server" in llama["command"][0] and "version" in llama
     assert result["engines"]["vLLM"]["settings"]["enable_prefix_caching"] is False
     # The stand-in repeats the prompt's first token: compared request by request, it differs from ours.
-    assert result["greedy_agreement"]["vLLM"] == {"identical": 0, "compared": 3}
+    agreement = result["greedy_agreement"]["vLLM"]
+    assert (agreement["identical"], agreement["compared"], len(agreement["first_difference"])) == (0, 3, 3)
+    assert agreement["tokens"] == result["engines"]["pagedserve"]["output_tokens"]
+    assert agreement["prefix_tokens_equal"] == sum(agreement["first_difference"])
     assert "greedy tokens identical to pagedserve's on 0 of 3" in proc.stdout
     # The export and the GGUF are made once, in the cache, from our weights.
     models = tmp_path / "cache" / "models"
@@ -79,3 +84,15 @@ def test_serve_sweep_reports_an_unavailable_peer_and_runs_the_others(tmp_path, f
     assert "vLLM: UNAVAILABLE" in proc.stdout
     assert set(result["p99_tpot_no_worse"]) == {"pagedserve HTTP", "llama.cpp"}
     assert "--alias" in result["engines"]["llama.cpp"]["server"]["command"]
+
+
+def test_greedy_agreement_reports_where_each_differing_request_first_differs():
+    from types import SimpleNamespace
+
+    from bench.peer_runs import greedy_agreement
+
+    ours = [SimpleNamespace(ok=True, token_ids=ids) for ids in ([1, 2, 3], [1, 2, 3], [4, 5], [7])]
+    ours.append(SimpleNamespace(ok=False, token_ids=[9]))  # a failed request is not compared
+    theirs = [[1, 2, 3], [1, 9, 3], [4], [8], [9]]
+    assert greedy_agreement(ours, theirs) == {"identical": 1, "compared": 4, "first_difference": [1, 1, 0],
+                                              "prefix_tokens_equal": 5, "tokens": 9}

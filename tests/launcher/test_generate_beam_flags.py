@@ -31,3 +31,17 @@ def test_beam_flags_are_documented():
     text = _generate("--help").stdout
     for flag in ("--beam-width", "--num-outputs", "--length-penalty", "--early-stopping"):
         assert flag in text
+
+
+def test_session_key_flag_becomes_the_routing_affinity_key():
+    import argparse
+
+    from launcher.generate_cmd import add_arguments, sampling_params
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert sampling_params(parser.parse_args(["--session-key", "conv-7", "hi"])).session_key == "conv-7"
+    assert sampling_params(parser.parse_args(["hi"])).session_key == ""
+    proc = _generate("--session-key", "k" * 257, "hi")
+    assert proc.returncode == 2 and "--session-key is longer than 256 characters" in proc.stderr
+    assert "--session-key" in _generate("--help").stdout
