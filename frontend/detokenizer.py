@@ -40,19 +40,29 @@ class OutputText:
         self._min_tokens = min_tokens
         self.stopped = False  # a stop string matched
 
-    def append(self, new_ids: list[int]) -> None:
-        """Add generated ids; update `text`; set `stopped` on a stop-string match."""
-        self.token_ids.extend(new_ids)
-        checked_upto = len(self.text)
+    def append(self, new_ids: list[int]) -> int:
+        """Add generated ids; update `text`; set `stopped` on a stop-string match. Returns how
+        many of `new_ids` were taken.
+
+        Ids are taken one at a time, and stop strings are checked after each: a delta may carry
+        several tokens (speculative decoding accepts a run of them), and the tokens after the one
+        that completes a stop string are dropped, as if generation had ended there."""
+        taken = 0
         for tid in new_ids:
+            if self.stopped:
+                break
+            taken += 1
+            self.token_ids.append(tid)
+            checked_upto = len(self.text)
             self._ids.append(tid)
             prefix_text = self._decode(self._ids[self._prefix:self._read])
             full_text = self._decode(self._ids[self._prefix:])
             if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
                 self.text += full_text[len(prefix_text):]
                 self._prefix, self._read = self._read, len(self._ids)
-        if self._stop and len(self.text) > checked_upto and len(self.token_ids) >= self._min_tokens:
-            self._find_stop(checked_upto)
+            if self._stop and len(self.text) > checked_upto and len(self.token_ids) >= self._min_tokens:
+                self._find_stop(checked_upto)
+        return taken
 
     def _find_stop(self, checked_upto: int) -> None:
         # A stop string may start up to len(stop)-1 characters before the new text.

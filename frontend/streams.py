@@ -42,17 +42,18 @@ class ResponseStreamer:
         if req is None or req.finish[delta.index] is not None:
             return  # finished by a stop string, or unknown (gone, or a stale engine id)
         out = req.outputs[delta.index]
-        if delta.token_ids:
+        taken = out.append(delta.token_ids)  # fewer when a stop string ends the output inside the delta
+        token_ids, logprobs = delta.token_ids[:taken], delta.logprobs[:taken]
+        if token_ids:
             now = time.monotonic()
             if req.first_token_at is None:
                 req.first_token_at = now
                 self.observer.on_first_token(req, delta)
             previous = req.last_token_at.get(delta.index)
             req.last_token_at[delta.index] = now
-            self.observer.on_tokens(len(delta.token_ids), None if previous is None else now - previous)
-        out.append(delta.token_ids)
+            self.observer.on_tokens(len(token_ids), None if previous is None else now - previous)
         if req.logprobs is not None:
-            req.logprobs[delta.index].extend(delta.logprobs)
+            req.logprobs[delta.index].extend(logprobs)
         if delta.prompt_logprobs:
             req.prompt_logprobs = delta.prompt_logprobs
         if delta.beam_score is not None:  # a beam-search hypothesis, whole on this delta
@@ -63,8 +64,8 @@ class ResponseStreamer:
         if req.stream:
             await self._clients.send(req.client, p.Delta(
                 request_id=req.request_id, index=delta.index, text=out.release(finish is not None),
-                token_ids=delta.token_ids, finish_reason=finish,
-                logprobs=delta.logprobs if req.logprobs is not None else None))
+                token_ids=token_ids, finish_reason=finish,
+                logprobs=logprobs if req.logprobs is not None else None))
         if finish is not None:
             req.finish[delta.index] = finish
             if delta.finish_reason is None:  # a stop string ended this output: free its blocks now

@@ -20,9 +20,10 @@ from scheduler.policy import BatchPolicy
 from scheduler.preempt_log import log_preempted
 from scheduler.request_table import Outputs, RequestTable
 from scheduler.sequence import Request, Sequence, SeqStatus
+from scheduler.spec_decode import SpecDecoder
 from scheduler.step_planner import StepPlanner
 from scheduler.structured_output import StructuredOutput
-from scheduler.token_outcome import attach_logprobs, finish_reason, time_first_token
+from scheduler.token_outcome import append_tokens, attach_logprobs, time_first_token
 from shared.config import SchedulerConfig
 from shared.protocol import AddRequest, FinishReason, RequestRejected, StepMasks, StepPlan, StepResult, TokenDelta
 from shared.validation import Limits
@@ -74,6 +75,7 @@ class Scheduler:
                                            admit=self._requests.add, wake=wake)
         self._beams = BeamSearch(self.policy, self.block_manager, add_sequence=self._requests.add_sequence,
                                  finish=self._requests.finish, release=self._planner.release, clock=clock)
+        self._spec = SpecDecoder.from_config(self.block_manager, config, max_model_len)
         self._counters = dict.fromkeys(_STEP_COUNTERS, 0)
         self._kv_blocks_used_peak = 0  # the most device blocks in use after any schedule(), since start
         self._clock = clock  # per-request timings only (Request.received_at ...): the first token's delta reports them
@@ -148,6 +150,7 @@ class Scheduler:
                 if now is None:
                     now = self._clock()
                 seq.request.first_scheduled_at = now
+        self._spec.attach(batch)  # proposals and their slots (scheduler/spec_decode.py)
         # Blocks are taken only here, so a high-water mark per step is exact.
         self._kv_blocks_used_peak = max(self._kv_blocks_used_peak, self.block_manager.num_used_blocks)
         return self._planner.plan(batch)
@@ -182,8 +185,13 @@ class Scheduler:
             seq = self._requests.sequence(work.seq_id)
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue
-            seq.num_computed_tokens = work.num_computed_tokens + work.num_tokens
-            self.block_manager.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            tokens = [token] + (result.extra_tokens[i] if result.extra_tokens else [])
+            if work.spec_token_ids:  # accepted proposals are real tokens: they may enter the prefix cache
+                seq.num_computed_tokens = self._spec.settle(seq, work, tokens)
+                self.block_manager.mark_computed(seq.seq_id, seq.token_ids + tokens[:-1], seq.num_computed_tokens)
+            else:
+                seq.num_computed_tokens = work.num_computed_tokens + work.num_tokens
+                self.block_manager.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if seq.children and seq.num_computed_tokens >= seq.compute_limit:
                 self.policy.fork_children(seq)
             if seq.num_computed_tokens < seq.num_tokens:
@@ -192,17 +200,16 @@ class Scheduler:
             if seq.request.beam is not None:  # beams choose their tokens together (scheduler/beam_search.py)
                 self._beams.report(seq, result.candidates[i] if result.candidates else None)
                 continue
-            if not 0 <= token < self.limits.vocab_size:
-                raise ValueError(f"step {plan.step_id}: sequence {seq.seq_id} sampled {token}, outside the vocabulary")
-            seq.token_ids.append(token)
-            self._counters["tokens_generated"] += 1
+            if not all(0 <= t < self.limits.vocab_size for t in tokens):
+                raise ValueError(f"step {plan.step_id}: sequence {seq.seq_id} sampled {tokens}, outside the vocabulary")
             if seq.crashes:
                 self.policy.isolation.clear(seq)
-            delta = TokenDelta(seq.request_id, seq.output_index, [token])
+            delta = TokenDelta(seq.request_id, seq.output_index, [])
             if seq.request.first_token_at is None:
                 time_first_token(seq.request, delta, self._clock())
+            reason = append_tokens(seq, delta, tokens, self.limits.max_model_len)
+            self._counters["tokens_generated"] += len(delta.token_ids)
             attach_logprobs(delta, result, i)
-            reason = finish_reason(seq, token, self.limits.max_model_len)
             if reason is not None:
                 self._requests.finish(seq)
                 delta.finish_reason = reason
@@ -283,6 +290,7 @@ class Scheduler:
             **policy.step_budget.figures(),
             **self.structured.stats(),
             **self._beams.stats(),
+            **self._spec.stats(),
         }
 
     def check_invariants(self) -> None:

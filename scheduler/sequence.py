@@ -97,6 +97,14 @@ class Sequence:
     # Tokens the scheduler appended (a beam's chosen token) that the worker, holding it, has not got:
     # the next ScheduledSeq carries them (scheduler/step_planner.py).
     pending_tokens: int = 0
+    # Speculative decoding (scheduler/spec_decode.py): the tokens proposed for the step in flight
+    # (their KV slots are reserved after the known tokens; empty between steps), and the length
+    # (blocks) the worker must truncate this sequence's table to before its next new blocks (-1: none).
+    spec_token_ids: list[int] = field(default_factory=list)
+    worker_table_len: int = -1
+    # Recent acceptance (accepted / proposed, exponentially averaged, 1.0 until it speculates):
+    # scales its proposal length. Lost on nothing that matters: a fresh 1.0 is merely optimistic.
+    spec_acceptance: float = 1.0
     # Policy order, best first: priority, then arrival; the scheduler assigns
     # seq ids in arrival order, so the id breaks ties deterministically.
     sort_key: tuple[int, float, int] = field(init=False)

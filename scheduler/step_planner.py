@@ -56,13 +56,16 @@ class StepPlanner:
             if seq.grammar is not None and seq.num_computed_tokens + num_tokens >= seq.num_tokens:
                 masked_rows.append(len(scheduled))  # it samples: its grammar masks the token
             if seq.on_worker:
-                work = ScheduledSeq(seq.seq_id, num_tokens, seq.num_computed_tokens, new_blocks)
+                work = ScheduledSeq(seq.seq_id, num_tokens, seq.num_computed_tokens, new_blocks,
+                                    block_table_len=seq.worker_table_len)
             else:
                 seq.on_worker = True
                 seq.pending_tokens = 0  # the NewSeq carries every token
                 work = ScheduledSeq(seq.seq_id, num_tokens, seq.num_computed_tokens)
                 new_seqs.append(NewSeq(seq.seq_id, list(seq.token_ids), seq.prompt_len, list(seq.block_table),
                                        seq.request.params, seq.output_index))
+            seq.worker_table_len = -1  # told now, or the NewSeq carries the table as it is
+            work.spec_token_ids = seq.spec_token_ids  # proposals (scheduler/spec_decode.py), [] when none
             if seq.request.beam is not None:
                 mark_beam_row(work, seq)
             scheduled.append(work)

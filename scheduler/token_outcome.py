@@ -31,6 +31,19 @@ def finish_reason(seq: Sequence, token: int, max_model_len: int) -> str | None:
     return reason
 
 
+def append_tokens(seq: Sequence, delta: TokenDelta, tokens: list[int], max_model_len: int) -> str | None:
+    """Append `tokens` (one step's: several when proposals were accepted) to `seq` and `delta`, one
+    at a time, each checked by `finish_reason`; stops at the first that finishes the output (none
+    past a stop is emitted) and returns its reason, else None."""
+    for token in tokens:
+        seq.token_ids.append(token)
+        delta.token_ids.append(token)
+        reason = finish_reason(seq, token, max_model_len)
+        if reason is not None:
+            return reason
+    return None
+
+
 def time_first_token(request: Request, delta: TokenDelta, now: float) -> None:
     """`delta` carries `request`'s first token (at `now`, the scheduler's clock): it reports the
     queue and prefill times."""
@@ -44,5 +57,7 @@ def attach_logprobs(delta: TokenDelta, result: StepResult, i: int) -> None:
     """Copy row `i`'s logprobs (if the worker sent any) onto its delta."""
     if result.logprobs and result.logprobs[i] is not None:
         delta.logprobs = [result.logprobs[i]]
+        if result.extra_logprobs and result.extra_logprobs[i]:  # accepted proposals' (and the next token's)
+            delta.logprobs += [lp for lp in result.extra_logprobs[i][:len(delta.token_ids) - 1] if lp is not None]
     if result.prompt_logprobs and result.prompt_logprobs[i]:
         delta.prompt_logprobs = result.prompt_logprobs[i]

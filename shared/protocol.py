@@ -37,7 +37,8 @@ from shared.structured import StructuredOutputs
 #   ScheduledSeq.num_candidates/append_token_ids, StepResult.candidates, TokenDelta.cumulative_logprob/beam_score.
 #   Data parallelism: SamplingParams.session_key, KvEvents (scheduler -> frontend: prefix-cache keys
 #   stored/evicted and load, every 0.1 s), KvSnapshotQuery (frontend -> scheduler, after a gap).
-PROTOCOL_VERSION = 4
+# 5 (speculative decoding): ScheduledSeq.spec_token_ids/block_table_len, StepResult.extra_tokens/extra_logprobs.
+PROTOCOL_VERSION = 5
 
 # Bounds on untrusted sizes. The frame itself is bounded by ZMQ_MAXMSGSIZE (shared/ipc.py).
 MAX_PROMPT_TOKENS = 1 << 20
@@ -563,6 +564,13 @@ class ScheduledSeq(Struct, array_like=True, omit_defaults=True):
     # the scheduler then chose comes back in `append_token_ids`, appended before this step's chunk.
     num_candidates: int = 0
     append_token_ids: list[int] = field(default_factory=list)
+    # Speculative decoding (docs/speculative.md): proposed tokens verified after this chunk, which
+    # must reach the sequence's end; their KV slots follow its known tokens in its table. The worker
+    # returns the accepted ones plus one more in StepResult.extra_tokens and keeps only their KV.
+    spec_token_ids: list[int] = field(default_factory=list)
+    # >= 0: truncate the worker's table to this many blocks before appending `new_block_ids`
+    # (blocks that held only rejected speculative slots were freed).
+    block_table_len: int = -1
 
 
 BlockPairs = list[tuple[int, int]]  # (src block id, dst block id)
@@ -637,6 +645,11 @@ class StepResult(_Internal, tag="result"):
     phase_times_s: dict[str, float] = field(default_factory=dict)
     # Aligned with `sampled` when any row is a beam row, else empty; None for the others.
     candidates: list[BeamCandidates | None] = field(default_factory=list)
+    # Speculative decoding: aligned with `sampled` when any row speculated, else empty. A row's
+    # tokens this step are [sampled[i]] + extra_tokens[i] (accepted proposals, then the target's
+    # next token); extra_logprobs[i] aligned with extra_tokens[i] when the row asked for logprobs.
+    extra_tokens: list[list[int]] = field(default_factory=list)
+    extra_logprobs: list[list[TokenLogprobs | None]] = field(default_factory=list)
 
 
 class BeamCandidates(Struct, array_like=True):

@@ -17,7 +17,7 @@ set when a sequence is added and updated in place after each sampled token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -61,6 +61,9 @@ class StepInputs:
     # (sequence, flat index of its first chunk token, that token's position, count): chunk tokens
     # whose logits predict a prompt token, for sequences that want prompt logprobs.
     prompt_logprob_spans: list[tuple[SeqState, int, int, int]]
+    # Speculative rows (worker/spec_verify.py): (index into sampled_positions, sequence, proposal).
+    # Their verification logits follow the first len(sampled_positions) rows, len(proposal) each, in order.
+    spec_rows: list[tuple[int, SeqState, list[int]]] = field(default_factory=list)
 
 
 class InputBatch:
@@ -128,26 +131,42 @@ class InputBatch:
         sampled_seqs: list[SeqState] = []
         spans: list[tuple[SeqState, int, int, int]] = []
         flat_start = 0
+        sample_flat: list[int] = []  # flat index of each sampled row's last known token
+        extra_flat, extra_rows, extra_index = [], [], []  # speculative positions 1..k: flat index, row, token index
+        spec_rows: list[tuple[int, SeqState, list[int]]] = []
         for i, work in enumerate(scheduled):
             seq = self.seqs.get(work.seq_id)
             if seq is None:
                 raise ValueError(f"seq {work.seq_id} is scheduled but was never registered")
+            if work.block_table_len >= 0:  # blocks of rejected proposals were freed
+                del seq.block_ids[work.block_table_len:]
             self._append_blocks(seq, work.new_block_ids)
             if work.append_token_ids:  # a beam's token, chosen by the scheduler after the last step
                 seq.token_ids.extend(work.append_token_ids)
             start, end = work.num_computed_tokens, work.num_computed_tokens + work.num_tokens
-            if work.num_tokens < 1 or start < 0 or end > len(seq.token_ids):
-                raise ValueError(f"seq {seq.seq_id}: tokens [{start}, {end}) of {len(seq.token_ids)} known")
-            if end > self.max_model_len:
-                raise ValueError(f"seq {seq.seq_id}: {end} tokens exceed max_model_len {self.max_model_len}")
-            if end > len(seq.block_ids) * self.block_size:
-                raise ValueError(f"seq {seq.seq_id}: {end} tokens but {len(seq.block_ids)} blocks")
+            spec = work.spec_token_ids
+            if work.num_tokens < 1 or start < 0 or end > len(seq.token_ids) or (spec and end != len(seq.token_ids)):
+                raise ValueError(f"seq {seq.seq_id}: tokens [{start}, {end}) of {len(seq.token_ids)} known"
+                                 f"{' with proposals' if spec else ''}")
+            if end + len(spec) > self.max_model_len:
+                raise ValueError(f"seq {seq.seq_id}: {end + len(spec)} tokens exceed max_model_len "
+                                 f"{self.max_model_len}")
+            if end + len(spec) > len(seq.block_ids) * self.block_size:
+                raise ValueError(f"seq {seq.seq_id}: {end + len(spec)} tokens but {len(seq.block_ids)} blocks")
             if work.num_tokens == 1:
                 input_ids.append(seq.token_ids[start])
             else:
                 input_ids.extend(seq.token_ids[start:end])
-            rows[i], starts[i], counts[i] = seq.row, start, work.num_tokens
+            rows[i], starts[i], counts[i] = seq.row, start, work.num_tokens + len(spec)
             if end == len(seq.token_ids):
+                if spec:  # verify: logits at every proposal too (the extend path, k + 1 positions)
+                    input_ids.extend(spec)
+                    spec_rows.append((len(sampled_positions), seq, list(spec)))
+                    last = flat_start + work.num_tokens - 1
+                    extra_flat.extend(range(last + 1, last + 1 + len(spec)))
+                    extra_rows.extend([seq.row] * len(spec))
+                    extra_index.extend(range(end - seq.prompt_len + 1, end - seq.prompt_len + 1 + len(spec)))
+                sample_flat.append(flat_start + work.num_tokens - 1)
                 sampled_positions.append(i)
                 sampled_seqs.append(seq)
             if seq.prompt_logprobs is not None and start != len(seq.prompt_logprobs):
@@ -157,7 +176,7 @@ class InputBatch:
             if seq.prompt_logprobs is not None and start < seq.prompt_len - 1:
                 # Position p predicts token p + 1: positions [start, min(end, prompt_len - 1)).
                 spans.append((seq, flat_start, start, min(end, seq.prompt_len - 1) - start))
-            flat_start += work.num_tokens
+            flat_start += work.num_tokens + len(spec)
 
         seq_lens = starts + counts
         query_start_loc = np.zeros(batch + 1, dtype=np.int64)
@@ -179,11 +198,16 @@ class InputBatch:
             query_start_loc=to_device(query_start_loc, torch.int32),
             decode_only=bool(batch) and bool((counts == 1).all()),
         )
-        logits_indices = query_start_loc[1:][sampled_positions] - 1
+        logits_indices = np.array(sample_flat + extra_flat, dtype=np.int64)
         sampling = None
         if sampled_seqs:
-            sampled_rows = rows[sampled_positions]
-            generated_index = seq_lens[sampled_positions] - np.array([s.prompt_len for s in sampled_seqs])
+            # Each row's next token index among the generated ones: a proposal's verification row is
+            # the same row one index further, so seeded noise matches the non-speculative step's.
+            sampled_rows = np.concatenate([rows[sampled_positions], np.array(extra_rows, dtype=np.int64)])
+            generated_index = np.concatenate([
+                seq_lens[sampled_positions] - counts[sampled_positions] + np.array(
+                    [scheduled[p].num_tokens for p in sampled_positions], dtype=np.int64)
+                - np.array([s.prompt_len for s in sampled_seqs]), np.array(extra_index, dtype=np.int64)])
             sampling = self.sampling.metadata(sampled_rows, generated_index)
         return StepInputs(
             input_ids=to_device(np.asarray(input_ids, dtype=np.int64), torch.int64),
@@ -194,6 +218,7 @@ class InputBatch:
             sampled_seqs=sampled_seqs,
             sampling=sampling,
             prompt_logprob_spans=spans,
+            spec_rows=spec_rows,
         )
 
     def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -214,4 +239,5 @@ class InputBatch:
         if inputs.sampling is not None and sampled:
             if sampled_tensor is None:
                 sampled_tensor = torch.tensor(sampled, dtype=torch.int64, device=self.device)
-            self.sampling.count_sampled(inputs.sampling.rows, sampled_tensor)
+            # rows beyond the sampled ones are speculative verification rows (worker/spec_verify.py)
+            self.sampling.count_sampled(inputs.sampling.rows[:len(sampled)], sampled_tensor)

@@ -36,6 +36,7 @@ from worker.loader import load_model, resolve_dtype
 from worker.logprobs import collect_prompt_logprobs
 from worker.parallel import ParallelGroup
 from worker.sampler import Sampler
+from worker.spec_verify import accept_proposals
 
 log = get_logger("worker.model_runner")
 
@@ -254,11 +255,14 @@ class ModelRunner:
             if beams:  # beam rows return candidates; their sampled token is ignored
                 add_candidates(result, logits, beams, plan.scheduled, inputs.sampled_positions)
         else:
-            token_ids = torch.empty(len(inputs.sampled_seqs), dtype=torch.int64, device=self.device)
+            token_ids = torch.empty(inputs.logits_indices.shape[0], dtype=torch.int64, device=self.device)
             logprobs = None
-        self.group.broadcast(token_ids, src=0)
+        self.group.broadcast(token_ids, src=0)  # verification rows too: every rank accepts the same
         tokens = token_ids.tolist()
-        self.batch.record(plan.scheduled, inputs, tokens, token_ids)
+        num_rows = len(inputs.sampled_seqs)  # the rows past them verify proposals
+        self.batch.record(plan.scheduled, inputs, tokens[:num_rows], token_ids[:num_rows])
+        if inputs.spec_rows:
+            accept_proposals(self.batch, inputs, tokens, token_ids, logprobs, result)
         num_scheduled = len(plan.scheduled)
         if logprobs is not None:
             result.logprobs = [None] * num_scheduled

@@ -80,3 +80,20 @@ def test_stop_strings_are_ignored_before_min_tokens(tok):
                 break
     assert early.stopped and early.text == ""
     assert held.stopped and held.text == "stop here, then "
+
+
+def test_a_multi_token_delta_keeps_only_the_tokens_up_to_the_stop_string(tok):
+    # Speculative decoding accepts several tokens per step: a stop string completed inside the run
+    # ends the output there, the later tokens are not taken, as with one token per delta.
+    text = "The answer is forty-two, of course. And more after it."
+    ids = tok.hf.encode(text, add_special_tokens=False)
+    one_by_one = OutputText(_decoder(tok), [], stop=["two,"])
+    for tid in ids:
+        if one_by_one.stopped:
+            break
+        one_by_one.append([tid])
+    at_once = OutputText(_decoder(tok), [], stop=["two,"])
+    taken = at_once.append(ids)
+    assert at_once.stopped and at_once.text == one_by_one.text == "The answer is forty-"
+    assert taken == len(one_by_one.token_ids) < len(ids) and at_once.token_ids == ids[:taken]
+    assert at_once.append(ids[taken:]) == 0  # nothing is taken after a stop

@@ -1,0 +1,202 @@
+"""Speculative decoding in the scheduler, with a fake worker that verifies proposals against the
+toy model: same outputs as without speculation, proposals accepted, rollback of rejected slots
+(blocks freed, worker tables truncated), stops inside an accepted run, preemption, n > 1."""
+
+from __future__ import annotations
+
+from scheduler.scheduler import Scheduler
+from scheduler.spec_ngram import propose_ngram
+from shared.config import ServerConfig
+from shared.protocol import SamplingParams, StepPlan, StepResult
+from tests.scheduler.sched_harness import EOS, VOCAB, FakeWorker, Harness, WorkerSeq, add, reference_output
+
+
+def copy_sample(history: list[int], output_index: int, seed: int) -> int:
+    """A toy model that copies: the token after the last earlier occurrence of the last token,
+    shifted by one now and then (so some proposals fail); EOS about never."""
+    last = history[-1]
+    for i in range(len(history) - 2, -1, -1):
+        if history[i] == last:
+            token = history[i + 1]
+            break
+    else:
+        token = (last * 7 + 3) % VOCAB
+    if (len(history) + output_index + seed) % 5 == 0:
+        token = token % (VOCAB - 1) + 1
+    return token or 1
+
+
+class SpecFakeWorker(FakeWorker):
+    """FakeWorker that writes proposals' KV and accepts them as a verifying worker would."""
+
+    def apply(self, plan: StepPlan) -> None:
+        for seq_id in plan.finished_seq_ids:
+            del self.seqs[seq_id]
+        for device, host in plan.swap_out:
+            self.host[host] = list(self.kv[device])
+        for host, device in plan.swap_in:
+            self.kv[device] = list(self.host[host])
+        sources = {src: list(self.kv[src]) for src, _ in plan.copy}
+        for src, dst in plan.copy:
+            self.kv[dst] = list(sources[src])
+        new_ids = set()
+        for new in plan.new_seqs:
+            self.seqs[new.seq_id] = WorkerSeq(list(new.token_ids), list(new.block_ids), new.output_index,
+                                              new.params.seed or 0)
+            new_ids.add(new.seq_id)
+        for work in plan.scheduled:
+            seq = self.seqs[work.seq_id]
+            if work.seq_id not in new_ids:
+                if work.block_table_len >= 0:
+                    del seq.block_ids[work.block_table_len:]
+                seq.block_ids.extend(work.new_block_ids)
+            end = work.num_computed_tokens + work.num_tokens + len(work.spec_token_ids)
+            assert len(seq.block_ids) == -(-end // self.block_size), "block table does not cover the chunk"
+
+    def run(self, plan: StepPlan) -> StepResult:
+        bs = self.block_size
+        sampled, extra = [], []
+        for work in plan.scheduled:
+            seq = self.seqs[work.seq_id]
+            chunk = seq.token_ids[work.num_computed_tokens:work.num_computed_tokens + work.num_tokens]
+            for pos, token in enumerate(chunk + list(work.spec_token_ids), start=work.num_computed_tokens):
+                self.kv[seq.block_ids[pos // bs]][pos % bs] = token
+            seq.num_computed = work.num_computed_tokens + work.num_tokens
+            if seq.num_computed < len(seq.token_ids):
+                sampled.append(-1)
+                extra.append([])
+                continue
+            tokens = []
+            for j in range(len(work.spec_token_ids) + 1):
+                history = [self.kv[seq.block_ids[pos // bs]][pos % bs] for pos in range(seq.num_computed + j)]
+                assert history == seq.token_ids + tokens[:j], "corrupted KV"
+                tokens.append(self.sample(history, seq.output_index, seq.seed))
+                if j == len(work.spec_token_ids) or tokens[j] != work.spec_token_ids[j]:
+                    break
+            seq.token_ids.extend(tokens)
+            seq.num_computed += len(tokens) - 1
+            sampled.append(tokens[0])
+            extra.append(tokens[1:])
+        return StepResult(plan.step_id, sampled, extra_tokens=extra)
+
+
+def spec_harness(k=4, num_blocks=1000, block_size=4, max_model_len=256, **settings) -> Harness:
+    settings.setdefault("speculative_max_batch", 0)
+    config = ServerConfig.from_settings(speculative_method="ngram", num_speculative_tokens=k, **settings)
+    config.validate()
+    sched = Scheduler(config.scheduler, num_device_blocks=num_blocks, block_size=block_size,
+                      max_model_len=max_model_len, vocab_size=VOCAB, eos_token_ids=[EOS])
+    harness = Harness(sched, copy_sample)
+    harness.worker = SpecFakeWorker(block_size, copy_sample)
+    return harness
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7], [11, 12, 13, 11, 12, 13, 11], [20, 21, 22, 23, 24, 25, 26, 27, 20, 21],
+           [30, 31, 30, 31, 30, 32, 33, 30, 31]]
+
+
+def test_propose_ngram_takes_longest_most_recent_match():
+    assert propose_ngram([1, 2, 3, 9, 1, 2, 4, 7, 1, 2], 2, 1, 3) == [4, 7]
+    assert propose_ngram([1, 2, 3, 4, 1, 2, 3], 3, 1, 3) == [4, 1, 2]
+    assert propose_ngram([1, 2, 3], 3, 1, 3) == []
+    assert propose_ngram([5, 5], 0, 1, 3) == []
+
+
+def test_spec_outputs_match_reference_and_accept_proposals():
+    h = spec_harness()
+    params = dict(max_tokens=40, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        h.add(add(f"r{i}", prompt, **params))
+    h.run()
+    for i, prompt in enumerate(PROMPTS):
+        want, _ = reference_output(prompt, SamplingParams(**params), 0, max_model_len=256, sample=copy_sample)
+        assert h.outputs[(f"r{i}", 0)] == want
+    stats = h.scheduler.stats()
+    assert stats["spec_accepted_tokens"] > 0 and stats["spec_proposed_tokens"] > stats["spec_accepted_tokens"]
+    assert stats["tokens_generated"] == 4 * 40
+    assert stats["steps"] < 4 * 40  # several tokens per step
+    assert stats["kv_blocks_used"] == 0
+
+
+def test_spec_rollback_frees_blocks_and_truncates_worker_table():
+    h = spec_harness(k=8, block_size=2)
+    h.add(add("r", PROMPTS[3], max_tokens=60, ignore_eos=True))
+    truncated = 0
+    while h.scheduler.has_work():
+        plan = h.step()
+        truncated += sum(1 for w in plan.scheduled if w.block_table_len >= 0)
+        for seq in h.scheduler.policy.running:
+            # Between steps a sequence reserves only its computed tokens: rejected slots were given back.
+            assert h.scheduler.block_manager.num_slots(seq.seq_id) == seq.num_computed_tokens
+    assert truncated > 0
+    want, _ = reference_output(PROMPTS[3], SamplingParams(max_tokens=60, ignore_eos=True), 0, max_model_len=256,
+                               sample=copy_sample)
+    assert h.outputs[("r", 0)] == want
+
+
+def test_spec_stop_inside_accepted_run_emits_nothing_after_it():
+    prompt = PROMPTS[1]
+    free_run, _ = reference_output(prompt, SamplingParams(max_tokens=30, ignore_eos=True), 0, max_model_len=256,
+                                   sample=copy_sample)
+    stop = free_run[5]
+    h = spec_harness(k=8)
+    h.add(add("r", prompt, max_tokens=30, stop_token_ids=[stop], ignore_eos=True))
+    h.add(add("m", prompt, max_tokens=3, ignore_eos=True))  # max_tokens inside a run
+    h.run()
+    assert h.outputs[("r", 0)] == free_run[:free_run.index(stop) + 1]
+    assert h.finished[("r", 0)].finish_reason == "stop"
+    assert h.outputs[("m", 0)] == free_run[:3] and h.finished[("m", 0)].finish_reason == "length"
+
+
+def test_spec_with_preemption_and_n2_matches_reference():
+    h = spec_harness(k=4, num_blocks=24, block_size=2, max_model_len=64)
+    params = dict(max_tokens=24, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        h.add(add(f"r{i}", prompt, n=2, seed=i, **params))
+    h.run()
+    assert h.scheduler.stats()["preemptions"] > 0
+    for i, prompt in enumerate(PROMPTS):
+        for index in range(2):
+            want, _ = reference_output(prompt, SamplingParams(seed=i, **params), index, max_model_len=64,
+                                       sample=copy_sample)
+            assert h.outputs[(f"r{i}", index)] == want
+    assert h.scheduler.stats()["spec_accepted_tokens"] > 0
+
+
+def test_spec_off_by_default_and_penalties_do_not_speculate():
+    h = spec_harness(k=4)
+    h.add(add("p", PROMPTS[0], max_tokens=10, ignore_eos=True, presence_penalty=0.5))
+    h.run()
+    assert h.scheduler.stats()["spec_proposed_tokens"] == 0
+    assert all(not w.spec_token_ids for plan in h.plans for w in plan.scheduled)
+    config = ServerConfig.from_settings()
+    assert config.scheduler.speculative_method == "none" and config.scheduler.num_speculative_tokens == 0
+
+
+def test_spec_length_adapts_to_acceptance():
+    h = spec_harness(k=8)
+    # Four tokens in a hashed order: n-grams always match, proposals mostly fail.
+    h.worker.sample = lambda history, index, seed: 10 + (len(history) * 2654435761 >> 7) % 4
+    h.add(add("r", [10, 11, 12, 13, 10, 12, 11, 13, 10], max_tokens=60, ignore_eos=True))
+    allowed = []  # the proposal length the sequence may use, before each step
+    while h.scheduler.has_work():
+        seq = h.scheduler.policy.running[0] if h.scheduler.policy.running else None
+        if seq is not None:
+            allowed.append(h.scheduler._spec.length_for(seq))
+        h.step()
+    assert allowed[0] == 8 and min(allowed) <= 3  # rejected proposals shrink the next ones
+    assert h.scheduler.stats()["spec_accepted_tokens"] < h.scheduler.stats()["spec_proposed_tokens"] / 2
+
+
+def test_spec_switched_off_in_large_batches():
+    h = spec_harness(k=4, speculative_max_batch=2)
+    for i, prompt in enumerate(PROMPTS):
+        h.add(add(f"r{i}", prompt, max_tokens=20, ignore_eos=True))
+    h.run()
+    assert all(not w.spec_token_ids for plan in h.plans if len(plan.scheduled) > 2 for w in plan.scheduled)
+    stats = h.scheduler.stats()
+    assert stats["spec_steps_skipped"] > 0
+    for i, prompt in enumerate(PROMPTS):
+        want, _ = reference_output(prompt, SamplingParams(max_tokens=20, ignore_eos=True), 0, max_model_len=256,
+                                   sample=copy_sample)
+        assert h.outputs[(f"r{i}", 0)] == want
