@@ -17,12 +17,10 @@ import os
 import sys
 from collections.abc import Callable
 
-from bench import report
-from bench.goodput import slos_ms
 from bench.launch import free_port
 from bench.peer_runs import PEER_NAMES, http_peer
 from bench.peer_setup import PeerUnavailable
-from bench.serve_variants import plot_variants, sweep, variants_table
+from bench.serve_variants import report_sweep, sweep
 from bench.targets import OpenAITarget, open_target
 
 
@@ -69,19 +67,6 @@ def serve_with_peers(args, requests, server_flags: list[str], header: Callable, 
     """Run, print, save; exit code 1 when pagedserve completed no request in some run."""
     result = run_engines(args, requests, server_flags, header, stem)
     result["p99_tpot_no_worse"] = p99_tpot_verdicts(result["engines"])
-    print(variants_table(result["engines"]))
-    if args.goodput:
-        print(report.slo_line(slos_ms(args.goodput)))
-    for name, why in result["unavailable"].items():
-        print(f"{name}: UNAVAILABLE: {why.splitlines()[0]}")
-    runs = {f"{name} at {rate} req/s": run for name, e in result["engines"].items() for rate, run in e["rates"].items()}
-    for line in report.failure_lines(runs):
-        print(line, file=sys.stderr)
-    path = os.path.join(args.out, stem + ".json")
-    report.write_json(path, result)
-    print(f"wrote {os.path.relpath(path)}", file=sys.stderr)
-    if not args.no_plots:
-        written = plot_variants(os.path.join(args.out, stem + "-tpot.png"), {**result, "variants": result["engines"]})
-        if written:
-            print(f"wrote {os.path.relpath(written)}", file=sys.stderr)
+    report_sweep(args, stem, result, result["engines"],
+                 tuple(f"{name}: UNAVAILABLE: {why.splitlines()[0]}" for name, why in result["unavailable"].items()))
     return int(any(run["completed"] == 0 for run in result["engines"]["pagedserve"]["rates"].values()))

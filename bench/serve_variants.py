@@ -141,18 +141,26 @@ def plot_variants(path: str, result: dict) -> str | None:
 def serve_variants(args, requests, server_flags: list[str], header: Callable, stem: str) -> int:
     """Run, print, save; exit code 1 when some run completed no request."""
     result = run_variants(args, requests, server_flags, header, stem)
-    print(variants_table(result["variants"]))
+    runs = report_sweep(args, stem, result, result["variants"])
+    return int(any(run["completed"] == 0 for run in runs.values()))
+
+
+def report_sweep(args, stem: str, result: dict, variants: dict[str, dict], notes: tuple[str, ...] = ()) -> dict:
+    """Print `variants`' table, the SLO, `notes` and the failures; write `result` as JSON and the
+    TPOT plot. Returns every run by "NAME at RATE req/s" (for the caller's exit code)."""
+    print(variants_table(variants))
     if args.goodput:
         print(report.slo_line(slos_ms(args.goodput)))
-    runs = {f"{name} at {rate} req/s": run
-            for name, v in result["variants"].items() for rate, run in v["rates"].items()}
+    for note in notes:
+        print(note)
+    runs = {f"{name} at {rate} req/s": run for name, v in variants.items() for rate, run in v["rates"].items()}
     for line in report.failure_lines(runs):
         print(line, file=sys.stderr)
     path = os.path.join(args.out, stem + ".json")
     report.write_json(path, result)
     print(f"wrote {os.path.relpath(path)}", file=sys.stderr)
     if not args.no_plots:
-        written = plot_variants(os.path.join(args.out, stem + "-tpot.png"), result)
+        written = plot_variants(os.path.join(args.out, stem + "-tpot.png"), {**result, "variants": variants})
         if written:
             print(f"wrote {os.path.relpath(written)}", file=sys.stderr)
-    return int(any(run["completed"] == 0 for run in runs.values()))
+    return runs

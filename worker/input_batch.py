@@ -132,6 +132,7 @@ class InputBatch:
         spans: list[tuple[SeqState, int, int, int]] = []
         flat_start = 0
         sample_flat: list[int] = []  # flat index of each sampled row's last known token
+        sample_index: list[int] = []  # each sampled row's next token index among the generated ones
         extra_flat, extra_rows, extra_index = [], [], []  # speculative positions 1..k: flat index, row, token index
         spec_rows: list[tuple[int, SeqState, list[int]]] = []
         for i, work in enumerate(scheduled):
@@ -167,6 +168,7 @@ class InputBatch:
                     extra_rows.extend([seq.row] * len(spec))
                     extra_index.extend(range(end - seq.prompt_len + 1, end - seq.prompt_len + 1 + len(spec)))
                 sample_flat.append(flat_start + work.num_tokens - 1)
+                sample_index.append(end - seq.prompt_len)
                 sampled_positions.append(i)
                 sampled_seqs.append(seq)
             if seq.prompt_logprobs is not None and start != len(seq.prompt_logprobs):
@@ -204,10 +206,7 @@ class InputBatch:
             # Each row's next token index among the generated ones: a proposal's verification row is
             # the same row one index further, so seeded noise matches the non-speculative step's.
             sampled_rows = np.concatenate([rows[sampled_positions], np.array(extra_rows, dtype=np.int64)])
-            generated_index = np.concatenate([
-                seq_lens[sampled_positions] - counts[sampled_positions] + np.array(
-                    [scheduled[p].num_tokens for p in sampled_positions], dtype=np.int64)
-                - np.array([s.prompt_len for s in sampled_seqs]), np.array(extra_index, dtype=np.int64)])
+            generated_index = np.array(sample_index + extra_index, dtype=np.int64)
             sampling = self.sampling.metadata(sampled_rows, generated_index)
         return StepInputs(
             input_ids=to_device(np.asarray(input_ids, dtype=np.int64), torch.int64),
