@@ -132,13 +132,16 @@ def http_peer(name: str, args, requests) -> Iterator:
 def greedy_agreement(ours: list, theirs: list[list[int]]) -> dict:
     """How many requests got exactly pagedserve's greedy tokens (records with token ids), and where
     the others first differ: `first_difference` (token index per differing request) and
-    `prefix_tokens_equal` (tokens before the first difference, summed, out of `tokens`). Greedy
+    `differing_requests` (their indices in request order) and `prefix_tokens_equal` (tokens before
+    the first difference, summed, out of `tokens`). Greedy
     decoding in floating point can flip a near-tied argmax when two engines sum in another order;
     from there the continuations differ, so a late first difference is rounding, an early one a bug."""
-    pairs = [(r.token_ids, t) for r, t in zip(ours, theirs) if r.ok and r.token_ids]
+    indexed = [(i, r.token_ids, t) for i, (r, t) in enumerate(zip(ours, theirs)) if r.ok and r.token_ids]
+    pairs = [(a, b) for _, a, b in indexed]
     firsts = [_first_difference(a, b) for a, b in pairs]
     return {"identical": sum(a == b for a, b in pairs), "compared": len(pairs),
             "first_difference": [f for f in firsts if f is not None],
+            "differing_requests": [i for (i, _, _), f in zip(indexed, firsts) if f is not None],
             "prefix_tokens_equal": sum(len(a) if f is None else f for (a, _), f in zip(pairs, firsts)),
             "tokens": sum(len(a) for a, _ in pairs)}
 

@@ -21,7 +21,10 @@ import time
 
 
 def _sampling(SamplingParams, RequestOutputKind, output_len: int):
-    return SamplingParams(temperature=0.0, max_tokens=output_len, min_tokens=output_len, ignore_eos=True,
+    # ignore_eos alone gives exactly max_tokens tokens. min_tokens must stay unset: vLLM's min_tokens
+    # masks EOS's logit even with ignore_eos, so greedy rows would avoid EOS where pagedserve (and
+    # transformers) pick it, and every later token would differ.
+    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True,
                           output_kind=RequestOutputKind.DELTA)
 
 

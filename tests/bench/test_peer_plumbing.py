@@ -95,4 +95,16 @@ def test_greedy_agreement_reports_where_each_differing_request_first_differs():
     ours.append(SimpleNamespace(ok=False, token_ids=[9]))  # a failed request is not compared
     theirs = [[1, 2, 3], [1, 9, 3], [4], [8], [9]]
     assert greedy_agreement(ours, theirs) == {"identical": 1, "compared": 4, "first_difference": [1, 1, 0],
-                                              "prefix_tokens_equal": 5, "tokens": 9}
+                                              "differing_requests": [1, 2, 3], "prefix_tokens_equal": 5, "tokens": 9}
+
+
+def test_vllm_runs_greedy_to_the_length_without_masking_eos():
+    """vLLM's min_tokens masks EOS's logit even with ignore_eos: set, it made vLLM's greedy rows avoid
+    EOS where pagedserve and transformers pick it, and differ from there (half the requests)."""
+    from types import SimpleNamespace
+
+    from bench.vllm_offline import _sampling
+
+    params = _sampling(lambda **kwargs: kwargs, SimpleNamespace(DELTA="delta"), 17)
+    assert params["max_tokens"] == 17 and params["ignore_eos"] is True and params["temperature"] == 0.0
+    assert params.get("min_tokens", 0) == 0
