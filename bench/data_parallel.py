@@ -33,29 +33,31 @@ def synthetic_conversations(num: int, turns: int, user_tokens: int, vocab: int, 
     return [[[rng.randrange(3, vocab) for _ in range(user_tokens)] for _ in range(turns)] for _ in range(num)]
 
 
-async def _run(address: str, convs, answer_tokens: int) -> dict:
+async def _run(address: str, convs, answer_tokens: int, think_s: float) -> dict:
     from shared.async_client import AsyncClient
 
     async with AsyncClient(address, timeout=600) as client:
         before = await client.stats()
         started = time.perf_counter()
-        answers = await run_conversations(client, convs, answer_tokens)
+        answers = await run_conversations(client, convs, answer_tokens, think_s=think_s, seed=1)
         wall = time.perf_counter() - started
         after = await client.stats()
     requests = sum(len(c) for c in convs)
     generated = sum(len(a) for conv in answers for a in conv)
     return {"wall_s": round(wall, 3), "requests_per_s": round(requests / wall, 3),
-            "output_tokens_per_s": round(generated / wall, 2), "prefix_cache_hit_rate": round(hit_rate(before, after), 4),
+            "output_tokens_per_s": round(generated / wall, 2),
+            "prefix_cache_hit_rate": round(hit_rate(before, after), 4),
             "routed": after.get("routed", {}),
             "per_replica_hit_rate": [r["prefix_cache_hit_rate"] for r in after.get("replicas", [])]}
 
 
-def run_config(name: str, replicas: int, flags: list[str], convs, answer_tokens: int, out: str) -> dict:
+def run_config(name: str, replicas: int, flags: list[str], convs, answer_tokens: int, out: str,
+               think_s: float) -> dict:
     results = {}
     for policy in POLICIES:
         log = os.path.join(out, f"data-parallel-{name}-{policy}.server.log")
         with BenchServer(["--data-parallel-size", str(replicas), "--routing-policy", policy, *flags], log) as srv:
-            results[policy] = asyncio.run(_run(srv.address, convs, answer_tokens))
+            results[policy] = asyncio.run(_run(srv.address, convs, answer_tokens, think_s))
         print(f"{name} {policy}: {results[policy]}", file=sys.stderr)
     base = results["round_robin"]
     for policy, r in results.items():
@@ -63,7 +65,7 @@ def run_config(name: str, replicas: int, flags: list[str], convs, answer_tokens:
             if base["prefix_cache_hit_rate"] else None
         r["throughput_vs_round_robin"] = round(r["requests_per_s"] / base["requests_per_s"], 3)
     return {"replicas": replicas, "flags": flags, "conversations": len(convs), "turns": len(convs[0]),
-            "answer_tokens": answer_tokens, "policies": results}
+            "answer_tokens": answer_tokens, "think_s": think_s, "policies": results}
 
 
 def plot(result: dict, path: str) -> None:
@@ -93,11 +95,15 @@ def plot(result: dict, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pagedserve bench data-parallel", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--conversations", type=int, default=8)
-    parser.add_argument("--turns", type=int, default=4)
+    # The defaults are tests/integration/test_data_parallel.py's workload: two replicas' caches hold
+    # about their share of the conversations, not a copy of all of them.
+    parser.add_argument("--conversations", type=int, default=24, help="per 2 replicas (tiny-4: twice as many)")
+    parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--user-tokens", type=int, default=40, help="tokens per human message at most")
-    parser.add_argument("--answer-tokens", type=int, default=16)
-    parser.add_argument("--num-kv-blocks", type=int, default=64, help="per replica (cache pressure)")
+    parser.add_argument("--answer-tokens", type=int, default=12)
+    parser.add_argument("--think-s", type=float, default=0.5,
+                        help="each turn first waits a random 0..THINK_S seconds: conversations interleave")
+    parser.add_argument("--num-kv-blocks", type=int, default=80, help="per replica (cache pressure)")
     parser.add_argument("--only", choices=["default-2", "tiny-4"], default=None, help="one configuration")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -110,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         convs = sharegpt_conversations(args.conversations, args.turns, args.user_tokens, 0,
                                        Tokenizer(resolve_model("default")))
         result["configs"]["default-2"] = run_config("default-2", 2, ["--model", "default", "--dtype", "float32",
-                                                                     *common], convs, args.answer_tokens, args.out)
+                                                                     *common], convs, args.answer_tokens, args.out,
+                                                     args.think_s)
     if args.only in (None, "tiny-4"):
         from bench.random_model import PRESETS, write_random_model
 
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         convs = synthetic_conversations(args.conversations * 2, args.turns, args.user_tokens,
                                         PRESETS["tiny"]["vocab_size"], 0)
         result["configs"]["tiny-4"] = run_config("tiny-4", 4, ["--model", model, "--load-format", "dummy", *common],
-                                                 convs, args.answer_tokens, args.out)
+                                                 convs, args.answer_tokens, args.out, args.think_s)
     path = os.path.join(args.out, "data-parallel.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

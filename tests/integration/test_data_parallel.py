@@ -34,8 +34,10 @@ from shared.protocol import SamplingParams
 
 pytestmark = pytest.mark.slow
 
-KV_BLOCKS = 96  # per replica: room for its share of the conversations, not for a copy of all of them
-CONVERSATIONS, TURNS, USER_TOKENS, ANSWER_TOKENS = 16, 3, 40, 12
+# Per replica: about its share of the conversations' blocks, far from room for a copy of all of them,
+# which is what round-robin asks of each replica (docs/data_parallel.md, "Measured").
+KV_BLOCKS = 80
+CONVERSATIONS, TURNS, USER_TOKENS, ANSWER_TOKENS = 24, 3, 40, 12
 THINK_S = 0.5  # a random pause before each turn: conversations interleave, as users' do
 GREEDY = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
 PROMPTS = [f"Question {i}: tell me about the history of {topic}" for i, topic in
@@ -114,10 +116,12 @@ def test_prefix_aware_routing_beats_round_robin_with_a_single_replicas_tokens(dp
         round_robin.stop()
         single.stop()
     assert prefix_answers == single_answers, "greedy tokens as from one replica"
-    # Two replicas: round-robin lands a turn where the previous one ran about half the time, and
-    # then finds its cache crowded by every conversation. Measured: 0.52 against 0.29 to 0.32, ratios
-    # 1.65 to 1.79 (docs/data_parallel.md); the issue's 2x is not reached with two replicas.
-    assert prefix_rate >= 1.4 * rr_rate, (prefix_rate, rr_rate)
+    # Two replicas: round-robin lands a turn on the replica of the conversation's previous turn about
+    # half the time, so even with no eviction at all its hit rate is about half of prefix-aware's
+    # plus what older turns left; cache pressure takes those older hits away first, and the ratio
+    # approaches 2 from below (docs/data_parallel.md, "Measured": 1.90x to 2.61x in three runs
+    # at 80 blocks).
+    assert prefix_rate >= 1.6 * rr_rate, (prefix_rate, rr_rate)
     assert stats["routed"].get("prefix", 0) > 0 and len(stats["replicas"]) == 2
     assert all(r["routable"] and r["prefix_cache_hit_rate"] > 0 for r in stats["replicas"])
     check_events_against_docs(dp.events)
