@@ -1,6 +1,7 @@
-"""Speculative decoding (ngram) on vs off, default model, scheduler and worker in one process.
+"""Speculative decoding (ngram, draft model) on vs off, default model, scheduler and worker in one process.
 
-`python -m bench.speculative [--concurrency 1 4 16 64] [--max-tokens 96] [--out bench/results/speculative.json]`
+`python -m bench.speculative [--concurrency 1 4 16 64] [--max-tokens 96] [--draft default random]
+[--out bench/results/speculative.json]`
 
 Workloads:
 * grounded: a ShareGPT answer of 300-800 tokens (the passage) wrapped in one of three chat
@@ -14,6 +15,13 @@ first token time) / (tokens - 1), median over requests; output tok/s = output to
 of the run. The same requests run with speculation off and on, back to back, in the same process:
 the ratios are the result. The machine is shared (2 cores, other jobs): numbers are noisy.
 No server, no sockets: this measures the engine (scheduler + worker), not the frontend.
+
+`--draft NAME ...` adds draft-model runs (`--speculative-method draft`) on the grounded workload at
+`--draft-concurrency` (default 1): `default` is the default model as its own draft (the mechanics
+at acceptance about 1.0; no speed-up to expect, the draft costing what the target does), `random`
+a 2-layer random-weight Llama with the default model's tokenizer (bench/random_model.py "tiny",
+vocabulary widened to the target's; acceptance about 0), any other NAME a model path. Each
+reports acceptance and TPOT against speculation off over the same requests.
 """
 
 from __future__ import annotations
@@ -49,13 +57,36 @@ def grounded_prompts(tokenizer, num: int, seed: int = 0) -> list[list[int]]:
     raise RuntimeError(f"only {len(prompts)} ShareGPT answers of 300-800 tokens")
 
 
-def run_once(runner, prompts: list[list[int]], concurrency: int, max_tokens: int, k: int, max_batch: int) -> dict:
+def random_draft(files, directory: str) -> str:
+    """A random-weight tiny Llama (bench/random_model.py) with `files`' tokenizer and vocabulary: a draft
+    of the right vocabulary whose proposals are almost never accepted. Serve it with draft_load_format dummy."""
+    import os
+
+    import transformers
+
+    from bench.random_model import write_random_model
+
+    write_random_model("tiny", directory)
+    for name in os.listdir(directory):
+        if name.startswith(("tokenizer", "special_tokens")):
+            os.remove(os.path.join(directory, name))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(files.directory, gguf_file=files.gguf_file)
+    tokenizer.save_pretrained(directory)
+    path = os.path.join(directory, "config.json")
+    config = json.loads(Path(path).read_text())
+    config["vocab_size"] = len(tokenizer.get_vocab())
+    Path(path).write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def run_once(runner, prompts: list[list[int]], concurrency: int, max_tokens: int, k: int, max_batch: int,
+             method: str = "ngram") -> dict:
     from scheduler.scheduler import Scheduler
     from shared.config import ServerConfig
     from shared.protocol import AddRequest, SamplingParams
 
     hello = runner.hello()
-    config = ServerConfig.from_settings(max_num_seqs=max(concurrency, 1), speculative_method="ngram" if k else "none",
+    config = ServerConfig.from_settings(max_num_seqs=max(concurrency, 1), speculative_method=method if k else "none",
                                         num_speculative_tokens=k, speculative_max_batch=max_batch)
     sched = Scheduler(config.scheduler, num_device_blocks=hello.num_device_blocks, block_size=hello.block_size,
                       max_model_len=hello.max_model_len, vocab_size=hello.vocab_size,
@@ -95,6 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="--speculative-max-batch (default: the config's; 0: speculate at any batch size)")
     parser.add_argument("--workloads", nargs="+", default=["grounded", "sharegpt"])
     parser.add_argument("--sharegpt-concurrency", type=int, default=64)
+    parser.add_argument("--draft", nargs="*", default=[],
+                        help="draft-model runs: default (self-draft), random (random weights), or a model path")
+    parser.add_argument("--draft-concurrency", type=int, default=1)
     parser.add_argument("--out", default="bench/results/speculative.json")
     args = parser.parse_args(argv)
 
@@ -128,8 +162,42 @@ def main(argv: list[str] | None = None) -> dict:
                "throughput_ratio": on["output_tok_s"] / off["output_tok_s"]}
         results["runs"].append(row)
         print(json.dumps(row), flush=True)
+    if args.draft:
+        results["draft_runs"] = draft_runs(args, files, tokenizer, runner)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def draft_runs(args, files, tokenizer, plain) -> list[dict]:
+    """Per --draft: speculation off (the plain runner) then on with that draft, same requests."""
+    import gc
+    import tempfile
+
+    from shared.config import ServerConfig
+    from worker.model_runner import ModelRunner
+
+    c = args.draft_concurrency
+    prompts = grounded_prompts(tokenizer, 2 * c, seed=1)
+    off = run_once(plain, prompts, c, args.max_tokens, 0, 0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.draft:
+            path = random_draft(files, tmp) if name == "random" else name
+            runner = ModelRunner(ServerConfig.from_settings(
+                model="default", max_num_seqs=max(c, 1), max_model_len=2048, speculative_method="draft",
+                num_speculative_tokens=args.k, draft_model=path,
+                draft_load_format="dummy" if name == "random" else "auto"))
+            runner.load()
+            on = run_once(runner, prompts, c, args.max_tokens, args.k, 0, method="draft")
+            row = {"workload": "grounded", "draft": name, "concurrency": c, "off": off, "on": on,
+                   "acceptance_rate": on["acceptance_rate"],
+                   "tpot_speedup": off["tpot_ms_median"] / on["tpot_ms_median"],
+                   "throughput_ratio": on["output_tok_s"] / off["output_tok_s"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del runner
+            gc.collect()
+    return rows
 
 
 if __name__ == "__main__":

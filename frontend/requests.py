@@ -49,10 +49,20 @@ class FrontendRequest:
     # for `request.finished` (TokenDelta.beam_stats).
     beam_scores: dict[int, tuple[float, float]] = field(default_factory=dict)
     beam_stats: dict[str, int] = field(default_factory=dict)
+    # Speculative decoding: output index -> (proposed, accepted), the latest totals its deltas carried.
+    spec: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
         return all(f is not None for f in self.finish)
+
+    def spec_fields(self) -> dict[str, int]:
+        """`request.finished`'s `spec_proposed` and `spec_accepted` (sums over its outputs); none when
+        nothing was proposed (speculation off, or never eligible)."""
+        if not self.spec:
+            return {}
+        return {"spec_proposed": sum(p for p, _ in self.spec.values()),
+                "spec_accepted": sum(a for _, a in self.spec.values())}
 
     def finish_unfinished(self, reason: str) -> None:
         """End every output still running with `reason` (an abort, decided here)."""

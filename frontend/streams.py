@@ -61,6 +61,8 @@ class ResponseStreamer:
             req.beam_stats.update(delta.beam_stats)
         finish = "stop" if out.stopped else delta.finish_reason
         req.num_preemptions = max(req.num_preemptions, delta.num_preemptions)
+        if delta.spec_proposed:  # totals so far (scheduler/token_outcome.py)
+            req.spec[delta.index] = (delta.spec_proposed, delta.spec_accepted)
         if req.stream:
             await self._clients.send(req.client, p.Delta(
                 request_id=req.request_id, index=delta.index, text=out.release(finish is not None),
@@ -100,7 +102,7 @@ class ResponseStreamer:
         log.info("request.finished", request_id=req.request_id, prompt_tokens=len(req.prompt_ids),
                  completion_tokens=completion_tokens, ttft_s=round(ttft, 6), latency_s=round(now - req.arrival, 6),
                  finish_reason=req.finish[0], num_preemptions=req.num_preemptions, **trace_fields(req),
-                 **req.beam_stats)
+                 **req.beam_stats, **req.spec_fields())
         self.observer.on_finished(req, completion_tokens, now)
         await self._clients.send(req.client, p.Completion(
             request_id=req.request_id, outputs=outputs, prompt_tokens=len(req.prompt_ids),

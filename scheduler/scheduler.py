@@ -186,7 +186,7 @@ class Scheduler:
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue
             tokens = [token] + (result.extra_tokens[i] if result.extra_tokens else [])
-            if work.spec_token_ids:  # accepted proposals are real tokens: they may enter the prefix cache
+            if work.spec_token_ids or work.num_draft_tokens:  # accepted proposals may enter the prefix cache
                 seq.num_computed_tokens = self._spec.settle(seq, work, tokens)
                 self.block_manager.mark_computed(seq.seq_id, seq.token_ids + tokens[:-1], seq.num_computed_tokens)
             else:

@@ -102,9 +102,13 @@ class Sequence:
     # (blocks) the worker must truncate this sequence's table to before its next new blocks (-1: none).
     spec_token_ids: list[int] = field(default_factory=list)
     worker_table_len: int = -1
+    spec_num_draft: int = 0  # draft-model method: slots reserved for the worker's draft tokens instead
+    spec_proposed: int = 0  # totals over the output's life (request.finished reports them)
+    spec_accepted: int = 0
     # Recent acceptance (accepted / proposed, exponentially averaged, 1.0 until it speculates):
     # scales its proposal length. Lost on nothing that matters: a fresh 1.0 is merely optimistic.
     spec_acceptance: float = 1.0
+    spec_backoff_steps: int = 0  # eligible steps skipped since the last probe (scheduler/spec_decode.py)
     # Policy order, best first: priority, then arrival; the scheduler assigns
     # seq ids in arrival order, so the id breaks ties deterministically.
     sort_key: tuple[int, float, int] = field(init=False)

@@ -1,19 +1,22 @@
 """Speculative decoding in the scheduler: proposals into the plan, accepted tokens out of the result.
 
 Per step: `attach(batch)` gives each eligible decoding sequence up to k proposed tokens
-(`Sequence.spec_token_ids`, n-gram lookup, scheduler/spec_ngram.py) and reserves their KV slots
-after its known tokens, within the step's token budget and the free blocks (speculation never
-preempts anyone). The worker verifies the k + 1 positions in one forward and returns 1..k+1 tokens
-(StepResult.extra_tokens). `settle(seq, ...)` then moves `num_computed_tokens` to the accepted
-ones and gives back the slots of the rejected ones: blocks that held only rejected slots are freed
-and the worker told to truncate its table (`Sequence.worker_table_len`). Rejected slots in a kept
-block are overwritten by later tokens. The prefix cache only sees tokens after they were accepted
-(mark_computed runs on the accepted count), so speculative tokens never enter it.
+(`Sequence.spec_token_ids`, n-gram lookup, scheduler/spec_ngram.py; or, with the draft-model
+method, a count `Sequence.spec_num_draft` of tokens the worker's draft model will propose) and
+reserves their KV slots after its known tokens, within the step's token budget and the free
+blocks (speculation never preempts anyone). The worker verifies the k + 1 positions in one
+forward and returns 1..k+1 tokens (StepResult.extra_tokens). `settle(seq, ...)` then moves
+`num_computed_tokens` to the accepted ones and gives back the slots of the rejected ones: blocks
+that held only rejected slots are freed and the worker told to truncate its table
+(`Sequence.worker_table_len`). Rejected slots in a kept block are overwritten by later tokens.
+The prefix cache only sees tokens after they were accepted (mark_computed runs on the accepted
+count), so speculative tokens never enter it.
 
 Eligible: a plain decode (one token, the sequence's last) of a sequence without beams, grammar,
 pending forks, crash suspicion or penalties (penalties would need the counts of the proposed
-tokens inside one step; docs/speculative.md lists these limits). Proposals are a pure function of
-the tokens, so recompute and restarts lose nothing.
+tokens inside one step; docs/speculative.md lists these limits). N-gram proposals are a pure
+function of the tokens, and the draft model's KV cache is written wherever the target's is
+(worker/spec_draft.py), so recompute and restarts lose nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ from shared.config import SchedulerConfig
 from shared.protocol import ScheduledSeq
 
 ACCEPTANCE_WEIGHT = 0.3  # of the latest step in a sequence's running acceptance rate
+# Below this running acceptance a sequence stops speculating and only probes (one proposal) once
+# every PROBE_EVERY eligible steps: a rejected proposal still costs a wider verification forward
+# (and, with a draft model, its passes), so a draft that never hits must not slow its sequences.
+# One accepted probe lifts the rate back over the floor (0.7 * r + 0.3).
+MIN_ACCEPTANCE = 0.1
+PROBE_EVERY = 16
 SPEC_COUNTERS = ("spec_rows", "spec_proposed_tokens", "spec_accepted_tokens", "spec_steps_skipped")
 
 
@@ -38,6 +47,7 @@ class SpecDecoder:
                  lookup_max: int, max_model_len: int, max_batch: int = 0) -> None:
         self.block_manager = block_manager
         self.enabled = method != "none" and num_tokens > 0
+        self.draft = method == "draft"  # the worker's draft model proposes into the reserved slots
         self.num_tokens = num_tokens  # proposals per sequence per step, at most (tokens)
         self.lookup_min, self.lookup_max = lookup_min, lookup_max
         self.max_model_len = max_model_len
@@ -58,7 +68,7 @@ class SpecDecoder:
         the batch entry, so the plan carries them). Every scheduled sequence leaves with its
         `spec_token_ids` set: [] when it does not speculate."""
         for seq, _, _ in batch.scheduled:
-            seq.spec_token_ids = []
+            seq.spec_token_ids, seq.spec_num_draft = [], 0
         if not self.enabled or (self.max_batch and len(batch.scheduled) > self.max_batch):
             self.counters["spec_steps_skipped"] += self.enabled
             return
@@ -67,28 +77,41 @@ class SpecDecoder:
         for index, (seq, num, new_blocks) in enumerate(batch.scheduled):
             if leftover <= 0:
                 break
-            if not self._eligible(seq, num):
+            if not self._eligible(seq, num) or self._backing_off(seq):
                 continue
             k = min(self.length_for(seq), leftover, seq.request.max_tokens - seq.num_output_tokens - 1,
                     self.max_model_len - seq.num_tokens)
-            proposal = propose_ngram(seq.token_ids, k, self.lookup_min, self.lookup_max)
-            while proposal and not bm.can_append(seq.seq_id, len(proposal)):
-                proposal.pop()  # only free blocks: speculation never preempts
-            if not proposal:
+            proposal = [] if self.draft else propose_ngram(seq.token_ids, k, self.lookup_min, self.lookup_max)
+            size = max(0, k) if self.draft else len(proposal)
+            while size and not bm.can_append(seq.seq_id, size):
+                size -= 1  # only free blocks: speculation never preempts
+            if not size:
                 continue
-            extra, copy = bm.append_slots(seq.seq_id, len(proposal))
+            extra, copy = bm.append_slots(seq.seq_id, size)
             if copy is not None:  # the policy copied a shared last block already; kept for safety
                 batch.copy.append(copy)
                 batch.rebuilt.append(seq)
             # A new list: an entry's block list may be the live table.
             batch.scheduled[index] = (seq, num, list(new_blocks) + extra)
-            seq.spec_token_ids = proposal
-            leftover -= len(proposal)
+            seq.spec_token_ids = proposal[:size]
+            seq.spec_num_draft = size if self.draft else 0
+            leftover -= size
 
     def length_for(self, seq: Sequence) -> int:
         """Adaptive proposal length (tokens): K scaled by the sequence's recent acceptance, at least 1
         (a proposal is only made when an n-gram matches, so a low rate costs one slot a step)."""
         return max(1, min(self.num_tokens, math.ceil(seq.spec_acceptance * self.num_tokens)))
+
+    @staticmethod
+    def _backing_off(seq: Sequence) -> bool:
+        """True for a sequence whose proposals keep failing, except on every PROBE_EVERY-th call."""
+        if seq.spec_acceptance >= MIN_ACCEPTANCE:
+            return False
+        seq.spec_backoff_steps += 1
+        if seq.spec_backoff_steps < PROBE_EVERY:
+            return True
+        seq.spec_backoff_steps = 0
+        return False
 
     @staticmethod
     def _eligible(seq: Sequence, num_tokens: int) -> bool:
@@ -98,19 +121,23 @@ class SpecDecoder:
                 and params.frequency_penalty == 0 and params.repetition_penalty == 1)
 
     def settle(self, seq: Sequence, work: ScheduledSeq, tokens: list[int]) -> int:
-        """The worker answered `work` (which speculated) with `tokens` (1..k+1): returns the new
+        """The worker answered `work` (which speculated, k proposals or k draft slots) with `tokens` (1..k+1): the new
         `num_computed_tokens` (known tokens plus the accepted proposals) and frees the slots of
         the rejected ones. Raises ValueError on tokens that cannot answer the proposal."""
-        proposal = work.spec_token_ids
+        proposal = work.spec_token_ids  # empty for the draft method: the worker's draft proposed them
+        proposed = len(proposal) or work.num_draft_tokens
         accepted = len(tokens) - 1
-        if not 0 <= accepted <= len(proposal) or tokens[:accepted] != proposal[:accepted]:
-            raise ValueError(f"sequence {seq.seq_id}: tokens {tokens} do not answer proposal {proposal}")
-        seq.spec_token_ids = []
-        rate = accepted / len(proposal)
+        if not 0 <= accepted <= proposed or (proposal and tokens[:accepted] != proposal[:accepted]):
+            raise ValueError(f"sequence {seq.seq_id}: tokens {tokens} do not answer proposal "
+                             f"{proposal or f'of {proposed} draft tokens'}")
+        seq.spec_token_ids, seq.spec_num_draft = [], 0
+        seq.spec_proposed += proposed
+        seq.spec_accepted += accepted
+        rate = accepted / proposed
         seq.spec_acceptance = (1 - ACCEPTANCE_WEIGHT) * seq.spec_acceptance + ACCEPTANCE_WEIGHT * rate
         c = self.counters
         c["spec_rows"] += 1
-        c["spec_proposed_tokens"] += len(proposal)
+        c["spec_proposed_tokens"] += proposed
         c["spec_accepted_tokens"] += accepted
         for j in range(accepted):
             self.accepted_at[j] += 1

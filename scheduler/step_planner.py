@@ -66,6 +66,7 @@ class StepPlanner:
                                        seq.request.params, seq.output_index))
             seq.worker_table_len = -1  # told now, or the NewSeq carries the table as it is
             work.spec_token_ids = seq.spec_token_ids  # proposals (scheduler/spec_decode.py), [] when none
+            work.num_draft_tokens = seq.spec_num_draft  # or slots for the worker's draft model's proposals
             if seq.request.beam is not None:
                 mark_beam_row(work, seq)
             scheduled.append(work)

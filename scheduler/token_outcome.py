@@ -34,7 +34,10 @@ def finish_reason(seq: Sequence, token: int, max_model_len: int) -> str | None:
 def append_tokens(seq: Sequence, delta: TokenDelta, tokens: list[int], max_model_len: int) -> str | None:
     """Append `tokens` (one step's: several when proposals were accepted) to `seq` and `delta`, one
     at a time, each checked by `finish_reason`; stops at the first that finishes the output (none
-    past a stop is emitted) and returns its reason, else None."""
+    past a stop is emitted) and returns its reason, else None. A speculating sequence's delta
+    carries its speculation totals so far (the frontend keeps the latest per output)."""
+    if seq.spec_proposed:
+        delta.spec_proposed, delta.spec_accepted = seq.spec_proposed, seq.spec_accepted
     for token in tokens:
         seq.token_ids.append(token)
         delta.token_ids.append(token)

@@ -25,7 +25,7 @@ import msgspec
 
 from shared.config_base import _help, _Section, is_host_port
 from shared.config_parallel import ParallelConfig
-from shared.config_speculative import validate_speculative
+from shared.config_speculative import validate_draft_parallel, validate_speculative
 from shared.config_routing import RoutingConfig
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -144,18 +144,21 @@ class SchedulerConfig(_Section):
     max_waiting: Annotated[int, _help("requests waiting for admission at most; past it new requests get "
                                       "'overloaded'", "N")] = 4096
     stats_interval_s: Annotated[float, _help("seconds between scheduler.stats events", "SECONDS")] = 10.0
-    speculative_method: Annotated[Literal["none", "ngram"], _help(
-        "ngram: propose tokens by looking the sequence's last n-gram up in its prompt and output, "
-        "verify them in one forward (docs/speculative.md)")] = "none"
+    speculative_method: Annotated[Literal["none", "ngram", "draft"], _help(
+        "ngram: propose tokens by looking the sequence's last n-gram up in its prompt and output; draft: by "
+        "a smaller model's greedy tokens (--draft-model); verify them in one forward (docs/speculative.md)")] = "none"
     num_speculative_tokens: Annotated[int, _help("tokens proposed per sequence per step, at most", "K")] = 0
     prompt_lookup_min: Annotated[int, _help("ngram: shortest n-gram matched", "TOKENS")] = 1
     prompt_lookup_max: Annotated[int, _help("ngram: longest n-gram matched (tried first)", "TOKENS")] = 3
     speculative_max_batch: Annotated[int, _help("speculate only in steps of at most N sequences; larger steps are "
                                                 "compute-bound (0: always; docs/speculative.md)", "N")] = 4
+    draft_model: Annotated[str, _help("draft: the draft model, resolved like --model (a Hugging Face directory, a "
+                                      ".gguf file, or default); same tokenizer as the target", "DIR|FILE")] = ""
+    draft_load_format: Annotated[LoadFormat, _help("draft: auto reads its weights; dummy draws random ones")] = "auto"
 
     def validate(self) -> None:
         validate_speculative(self.speculative_method, self.num_speculative_tokens, self.prompt_lookup_min,
-                             self.prompt_lookup_max, self.speculative_max_batch)
+                             self.prompt_lookup_max, self.speculative_max_batch, self.draft_model)
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
@@ -247,6 +250,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for section in self.sections().values():
             section.check_choices()
             section.validate()
+        validate_draft_parallel(self.scheduler.speculative_method, self.parallel.tensor_parallel_size)
 
     @classmethod
     def from_settings(cls, **settings) -> ServerConfig:

@@ -1,14 +1,15 @@
 """Speculative decoding settings' checks (the settings are SchedulerConfig fields, so that they are
-flags of the scheduler section: --speculative-method, --num-speculative-tokens, --prompt-lookup-min/max).
-docs/speculative.md describes the method."""
+flags of the scheduler section: --speculative-method, --num-speculative-tokens, --prompt-lookup-min/max,
+--draft-model, --draft-load-format). docs/speculative.md describes the methods."""
 
 from __future__ import annotations
 
-SPECULATIVE_METHODS = ("none", "ngram")
+SPECULATIVE_METHODS = ("none", "ngram", "draft")
 MAX_SPECULATIVE_TOKENS = 16  # proposals per sequence per step, at most
 
 
-def validate_speculative(method: str, num_tokens: int, lookup_min: int, lookup_max: int, max_batch: int = 0) -> None:
+def validate_speculative(method: str, num_tokens: int, lookup_min: int, lookup_max: int, max_batch: int = 0,
+                         draft_model: str = "") -> None:
     """Raise ValueError naming the first bad speculative setting."""
     if max_batch < 0:
         raise ValueError(f"speculative_max_batch must be >= 0, got {max_batch}")
@@ -20,3 +21,14 @@ def validate_speculative(method: str, num_tokens: int, lookup_min: int, lookup_m
         raise ValueError(f"speculative_method {method} needs --num-speculative-tokens >= 1")
     if not 1 <= lookup_min <= lookup_max:
         raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {lookup_min} and {lookup_max}")
+    if method == "draft" and not draft_model:
+        raise ValueError("speculative_method draft needs --draft-model DIR|FILE.gguf (or default)")
+    if draft_model and method != "draft":
+        raise ValueError(f"--draft-model goes with --speculative-method draft, not {method}")
+
+
+def validate_draft_parallel(method: str, tensor_parallel_size: int) -> None:
+    """The draft model runs unsharded beside rank 0's share of the target: not with tensor parallelism."""
+    if method == "draft" and tensor_parallel_size > 1:
+        raise ValueError(f"speculative_method draft is not supported with tensor_parallel_size "
+                         f"{tensor_parallel_size} (use ngram, or tensor_parallel_size 1; docs/speculative.md)")

@@ -38,7 +38,8 @@ from shared.structured import StructuredOutputs
 #   Data parallelism: SamplingParams.session_key, KvEvents (scheduler -> frontend: prefix-cache keys
 #   stored/evicted and load, every 0.1 s), KvSnapshotQuery (frontend -> scheduler, after a gap).
 # 5 (speculative decoding): ScheduledSeq.spec_token_ids/block_table_len, StepResult.extra_tokens/extra_logprobs.
-PROTOCOL_VERSION = 5
+# 6 (draft-model speculation): ScheduledSeq.num_draft_tokens; TokenDelta.spec_proposed/spec_accepted.
+PROTOCOL_VERSION = 6
 
 # Bounds on untrusted sizes. The frame itself is bounded by ZMQ_MAXMSGSIZE (shared/ipc.py).
 MAX_PROMPT_TOKENS = 1 << 20
@@ -463,6 +464,10 @@ class TokenDelta(_Internal, tag="td"):
     cumulative_logprob: float | None = None
     beam_score: float | None = None
     beam_stats: dict[str, int] = field(default_factory=dict)
+    # Speculative decoding, on every delta of an output that has speculated: the tokens it proposed
+    # and accepted so far (totals; the frontend keeps the latest for request.finished).
+    spec_proposed: int = 0
+    spec_accepted: int = 0
 
 
 class EngineOutputs(_Internal, tag="outputs"):
@@ -571,6 +576,10 @@ class ScheduledSeq(Struct, array_like=True, omit_defaults=True):
     # >= 0: truncate the worker's table to this many blocks before appending `new_block_ids`
     # (blocks that held only rejected speculative slots were freed).
     block_table_len: int = -1
+    # Draft-model speculation: the worker's draft model proposes this many tokens (greedy) into the
+    # slots reserved after the sequence's known tokens, and the target verifies them as it does
+    # `spec_token_ids` (which stay empty then). worker/spec_draft.py.
+    num_draft_tokens: int = 0
 
 
 BlockPairs = list[tuple[int, int]]  # (src block id, dst block id)

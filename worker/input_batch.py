@@ -78,6 +78,11 @@ class InputBatch:
         self._free_rows = list(range(initial_rows - 1, -1, -1))
         self.sampling = SamplingState(initial_rows, vocab_size, device, eos_token_ids)
 
+    @property
+    def block_table(self) -> np.ndarray:
+        """The persistent block table (row `SeqState.row`: that sequence's blocks); read-only outside."""
+        return self._block_table
+
     # ---- state changes ----------------------------------------------------------------------
 
     def drop(self, seq_ids: list[int]) -> None:

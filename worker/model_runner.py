@@ -36,6 +36,7 @@ from worker.loader import load_model, resolve_dtype
 from worker.logprobs import collect_prompt_logprobs
 from worker.parallel import ParallelGroup
 from worker.sampler import Sampler
+from worker.spec_draft import DraftModel, DraftProposer
 from worker.spec_verify import accept_proposals
 
 log = get_logger("worker.model_runner")
@@ -85,6 +86,9 @@ class ModelRunner:
         if should_pack(device, self.dtype, config.worker.cpu_linear):
             weights_bytes += pack_linears(self.model)
             self.cpu_linear = "onednn"
+        self.draft = (DraftModel.load(config, self.files, self.args, device, self.dtype, backend)
+                      if config.scheduler.speculative_method == "draft" else None)  # worker/draft_model.py
+        weights_bytes += self.draft.weights_bytes if self.draft else 0
         # After loading, so a rank that cannot load fails before the others wait for it.
         self.group.init(config.parallel.dist_init_addr, device, config.parallel.dist_timeout_s)
         self.num_kv_heads = self.model.layout.num_kv_heads  # this rank's: its share of each block
@@ -93,6 +97,7 @@ class ModelRunner:
 
         a = self.args
         block_bytes = bytes_per_block(a.num_layers, config.worker.block_size, self.num_kv_heads, a.head_dim, self.dtype)
+        block_bytes += self.draft.block_bytes if self.draft else 0  # a block id holds the draft's K/V too
         activation_peak = profile_activation_peak(self) if device.type == "cuda" else 0
         budget = kv_cache_budget_bytes(config, device, weights_bytes, activation_peak)
         num_blocks = plan_num_blocks(config, budget, block_bytes)
@@ -105,16 +110,19 @@ class ModelRunner:
                                                 a.head_dim, self.dtype, torch.device("cpu"),
                                                 pin_memory=device.type == "cuda")
         self.num_host_blocks = num_host_blocks
+        if self.draft:  # the same block ids in its own cache
+            self.draft.allocate(num_blocks, num_host_blocks)
         self.memory_profile = {
             "weights_bytes": weights_bytes,
-            "kv_cache_bytes": self.kv_cache.nbytes(),
+            "kv_cache_bytes": self.kv_cache.nbytes() + (self.draft.kv_cache.nbytes() if self.draft else 0),
             "activation_peak_bytes": activation_peak,
             "bytes_per_block": block_bytes,
-            "host_cache_bytes": self.host_cache.nbytes() if self.host_cache else 0,
+            "host_cache_bytes": sum(c.nbytes() for c in (self.host_cache, self.draft and self.draft.host_cache) if c),
         }
         self.batch = InputBatch(config.worker.block_size, self.max_model_len, device, initial_rows=2 * config.scheduler.max_num_seqs,
                                 vocab_size=a.vocab_size, eos_token_ids=self.eos_token_ids)
         self.sampler = Sampler(device, config.model.seed)
+        self.proposer = DraftProposer(self.draft, self.batch) if self.draft else None  # worker/spec_draft.py
         self.decode_graphs: DecodeGraphs | None = None
         self.cuda_graphs = self._capture_cuda_graphs()
         # worker/loop.py logs `worker.ready` after the handshake; this is the load itself.
@@ -215,11 +223,13 @@ class ModelRunner:
         if plan.copy:
             pairs = torch.tensor(plan.copy, dtype=torch.int64, device=self.device)
             self._copy_blocks(self.kv_cache.key_caches, self.kv_cache.value_caches, pairs)
+        if self.draft:  # its cache's blocks move with the target's
+            self.draft.move_blocks(plan, self._copy_blocks)
         for new in plan.new_seqs:
             self.batch.add(new)
         result = StepResult(step_id=plan.step_id, sampled=[-1] * len(plan.scheduled))
         if plan.scheduled:
-            inputs = self.batch.prepare(plan.scheduled)
+            inputs = (self.proposer or self.batch).prepare(plan.scheduled)  # a draft proposes first
             forward_started = time.perf_counter()
             if self.decode_graphs is not None and self.decode_graphs.fits(inputs):
                 hidden = self.decode_graphs.run(inputs)

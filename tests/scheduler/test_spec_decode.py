@@ -1,6 +1,7 @@
 """Speculative decoding in the scheduler, with a fake worker that verifies proposals against the
 toy model: same outputs as without speculation, proposals accepted, rollback of rejected slots
-(blocks freed, worker tables truncated), stops inside an accepted run, preemption, n > 1."""
+(blocks freed, worker tables truncated), stops inside an accepted run, preemption, n > 1; and the
+draft-model method's slots (the fake worker drafts with a toy draft that is right two times in three)."""
 
 from __future__ import annotations
 
@@ -50,8 +51,17 @@ class SpecFakeWorker(FakeWorker):
                 if work.block_table_len >= 0:
                     del seq.block_ids[work.block_table_len:]
                 seq.block_ids.extend(work.new_block_ids)
-            end = work.num_computed_tokens + work.num_tokens + len(work.spec_token_ids)
+            end = work.num_computed_tokens + work.num_tokens + len(work.spec_token_ids) + work.num_draft_tokens
             assert len(seq.block_ids) == -(-end // self.block_size), "block table does not cover the chunk"
+
+    draft = None  # (history, output_index, seed) -> token: the draft model of num_draft_tokens rows
+
+    def proposal(self, work, seq: WorkerSeq) -> list[int]:
+        """The row's proposed tokens: the plan's, or the draft's greedy run after the known tokens."""
+        drafted = []
+        for _ in range(work.num_draft_tokens):
+            drafted.append(self.draft(seq.token_ids + drafted, seq.output_index, seq.seed))
+        return list(work.spec_token_ids) + drafted
 
     def run(self, plan: StepPlan) -> StepResult:
         bs = self.block_size
@@ -59,7 +69,8 @@ class SpecFakeWorker(FakeWorker):
         for work in plan.scheduled:
             seq = self.seqs[work.seq_id]
             chunk = seq.token_ids[work.num_computed_tokens:work.num_computed_tokens + work.num_tokens]
-            for pos, token in enumerate(chunk + list(work.spec_token_ids), start=work.num_computed_tokens):
+            spec = self.proposal(work, seq)
+            for pos, token in enumerate(chunk + spec, start=work.num_computed_tokens):
                 self.kv[seq.block_ids[pos // bs]][pos % bs] = token
             seq.num_computed = work.num_computed_tokens + work.num_tokens
             if seq.num_computed < len(seq.token_ids):
@@ -67,11 +78,11 @@ class SpecFakeWorker(FakeWorker):
                 extra.append([])
                 continue
             tokens = []
-            for j in range(len(work.spec_token_ids) + 1):
+            for j in range(len(spec) + 1):
                 history = [self.kv[seq.block_ids[pos // bs]][pos % bs] for pos in range(seq.num_computed + j)]
                 assert history == seq.token_ids + tokens[:j], "corrupted KV"
                 tokens.append(self.sample(history, seq.output_index, seq.seed))
-                if j == len(work.spec_token_ids) or tokens[j] != work.spec_token_ids[j]:
+                if j == len(spec) or tokens[j] != spec[j]:
                     break
             seq.token_ids.extend(tokens)
             seq.num_computed += len(tokens) - 1
@@ -80,14 +91,18 @@ class SpecFakeWorker(FakeWorker):
         return StepResult(plan.step_id, sampled, extra_tokens=extra)
 
 
-def spec_harness(k=4, num_blocks=1000, block_size=4, max_model_len=256, **settings) -> Harness:
+def spec_harness(k=4, num_blocks=1000, block_size=4, max_model_len=256, method="ngram", draft=None,
+                 **settings) -> Harness:
     settings.setdefault("speculative_max_batch", 0)
-    config = ServerConfig.from_settings(speculative_method="ngram", num_speculative_tokens=k, **settings)
+    if method == "draft":
+        settings["draft_model"] = "default"  # only validated here: the fake worker drafts with `draft`
+    config = ServerConfig.from_settings(speculative_method=method, num_speculative_tokens=k, **settings)
     config.validate()
     sched = Scheduler(config.scheduler, num_device_blocks=num_blocks, block_size=block_size,
                       max_model_len=max_model_len, vocab_size=VOCAB, eos_token_ids=[EOS])
     harness = Harness(sched, copy_sample)
     harness.worker = SpecFakeWorker(block_size, copy_sample)
+    harness.worker.draft = draft
     return harness
 
 
@@ -200,3 +215,57 @@ def test_spec_switched_off_in_large_batches():
         want, _ = reference_output(prompt, SamplingParams(max_tokens=20, ignore_eos=True), 0, max_model_len=256,
                                    sample=copy_sample)
         assert h.outputs[(f"r{i}", 0)] == want
+
+
+def half_right_draft(history: list[int], output_index: int, seed: int) -> int:
+    """A draft that agrees with copy_sample about two times in three."""
+    token = copy_sample(history, output_index, seed)
+    return token if len(history) % 3 else token % (VOCAB - 1) + 1
+
+
+def test_draft_slots_match_reference_with_preemption_and_n2():
+    h = spec_harness(k=3, num_blocks=24, block_size=2, max_model_len=64, method="draft", draft=half_right_draft)
+    params = dict(max_tokens=24, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        h.add(add(f"r{i}", prompt, n=2, seed=i, **params))
+    h.run()
+    stats = h.scheduler.stats()
+    assert stats["preemptions"] > 0
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_proposed_tokens"]
+    for i, prompt in enumerate(PROMPTS):
+        for index in range(2):
+            want, _ = reference_output(prompt, SamplingParams(seed=i, **params), index, max_model_len=64,
+                                       sample=copy_sample)
+            assert h.outputs[(f"r{i}", index)] == want
+    drafted = [w for plan in h.plans for w in plan.scheduled if w.num_draft_tokens]
+    assert drafted and all(not w.spec_token_ids for w in drafted)  # slots only: the worker's draft proposes
+    assert stats["kv_blocks_used"] == 0
+    # The finishing deltas carry each output's totals; together they are the scheduler's.
+    assert sum(d.spec_proposed for d in h.finished.values()) == stats["spec_proposed_tokens"]
+    assert sum(d.spec_accepted for d in h.finished.values()) == stats["spec_accepted_tokens"]
+
+
+def test_a_draft_that_never_hits_only_probes():
+    """Rejected proposals still cost a wider forward: below MIN_ACCEPTANCE a sequence proposes once
+    every PROBE_EVERY eligible steps, and its output stays the reference's."""
+    from scheduler.spec_decode import MIN_ACCEPTANCE, PROBE_EVERY
+
+    def wrong_draft(history, output_index, seed):
+        return copy_sample(history, output_index, seed) % (VOCAB - 1) + 1  # never the target's token
+
+    h = spec_harness(k=4, method="draft", draft=wrong_draft)
+    params = dict(max_tokens=120, ignore_eos=True)
+    h.add(add("r", PROMPTS[0], **params))
+    h.run()
+    want, _ = reference_output(PROMPTS[0], SamplingParams(**params), 0, max_model_len=256, sample=copy_sample)
+    assert h.outputs[("r", 0)] == want
+    proposing = [i for i, plan in enumerate(h.plans) for w in plan.scheduled if w.num_draft_tokens]
+    stats = h.scheduler.stats()
+    assert stats["spec_accepted_tokens"] == 0
+    # The running rate starts at 1.0 and falls by 0.7 per step: under the floor after a few steps,
+    # then one probe every PROBE_EVERY steps.
+    falling = next(n for n in range(1, 20) if 0.7 ** n < MIN_ACCEPTANCE)
+    assert proposing[:falling] == list(range(proposing[0], proposing[0] + falling))
+    gaps = {b - a for a, b in zip(proposing[falling:], proposing[falling + 1:])}
+    assert gaps == {PROBE_EVERY}, gaps
+    assert len(proposing) < falling + len(h.plans) // PROBE_EVERY + 2
