@@ -100,7 +100,8 @@ def test_a_request_waits_for_its_grammar_without_blocks_and_a_bad_one_is_rejecte
     d.add(constrained("good", max_tokens=20, structured_outputs=StructuredOutputs(choice=["abc"])))
     d.add(add("free", PROMPT, max_tokens=5, ignore_eos=True))
     stats = d.sched.stats()
-    assert stats["kv_blocks_used"] == 0 and stats["requests_in_flight"] == 3
+    # "bad" may be rejected already: grammars compile in a thread, and a broken one fails fast.
+    assert stats["kv_blocks_used"] == 0 and stats["requests_in_flight"] in (2, 3)
     d.run()
     assert [(r.request_id, r.code) for r in d.rejections] == [("bad", "invalid_request")]
     assert "regex" in d.rejections[0].message and "[a-" in d.rejections[0].message
