@@ -10,7 +10,6 @@ import torch
 
 from scheduler.scheduler import Scheduler
 from shared.config import ServerConfig
-from shared.models import ModelNotFound, resolve_model
 from shared.protocol import AddRequest, SamplingParams
 from worker.model_runner import ModelRunner
 
@@ -20,14 +19,6 @@ PASSAGE = ("PagedAttention stores the key-value cache in fixed-size blocks, and 
            "sequence's logical blocks to physical ones, so memory is never reserved for tokens that do not exist.")
 QUESTIONS = ["What is the capital of France?", "Count from one to twenty.", "Write a haiku about the sea.",
              "List the days of the week.", "Spell the word banana letter by letter.", "Say hello three times."]
-
-
-@pytest.fixture(scope="module")
-def spec_files():
-    try:
-        return resolve_model("default")
-    except ModelNotFound as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from bench.random_model import write_random_model
 from scheduler.scheduler import Scheduler
 from shared.config import ServerConfig
 from shared.protocol import AddRequest, SamplingParams
-from shared.models import ModelNotFound, resolve_model
 from tests.worker.test_spec_decode_model import PASSAGE, QUESTIONS
 from worker.draft_model import DraftMismatch
 from worker.model_runner import ModelRunner
@@ -28,14 +27,6 @@ transformers = pytest.importorskip("transformers")
 
 K = 4
 SETTINGS = dict(model="default", num_kv_blocks=300, max_num_seqs=16, swap_space_gib=0.05)
-
-
-@pytest.fixture(scope="module")
-def spec_files():
-    try:
-        return resolve_model("default")
-    except ModelNotFound as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
