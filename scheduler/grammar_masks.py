@@ -40,15 +40,28 @@ class MaskFiller:
         return {"structured_mask_steps": 0, "structured_masks": 0, "structured_mask_fill_s": 0.0}
 
     def masks(self, plan: StepPlan, seqs: list[Sequence]) -> StepMasks:
-        """The masks of `plan.masked_rows`, whose sequences are `seqs` in that order."""
+        """The masks of `plan.masked_rows`, whose sequences are `seqs` in that order: per row, the
+        mask of its next token, then one after each of its speculative proposals (the matcher
+        advanced over the proposals before it and rolled back; the proposals were cut to what
+        the grammar accepts when they were made)."""
         started = time.perf_counter()
-        buffer = bytearray(self.row_bytes * len(seqs))
+        proposals = [plan.scheduled[row].spec_token_ids for row in plan.masked_rows]
+        starts, num_masks = [], 0
+        for proposal in proposals:
+            starts.append(num_masks)
+            num_masks += 1 + len(proposal)
+        buffer = bytearray(self.row_bytes * num_masks)
         address = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
-        self._executor.unsafe_compute_mask_ptr([(seq.grammar, row) for row, seq in enumerate(seqs)],
-                                               address, self.row_bytes, len(seqs))
+        rows = list(zip(seqs, starts, proposals))
+        plain = [(seq.grammar, start) for seq, start, proposal in rows if not proposal]
+        speculating = [(seq.grammar, start, list(proposal)) for seq, start, proposal in rows if proposal]
+        if plain:
+            self._executor.unsafe_compute_mask_ptr(plain, address, self.row_bytes, num_masks)
+        if speculating:  # llguidance refuses an empty proposal here
+            self._executor.unsafe_compute_mask_ptr_with_draft_token(speculating, address, self.row_bytes, num_masks)
         c = self.counters
         c["structured_mask_steps"] += 1
-        c["structured_masks"] += len(seqs)
+        c["structured_masks"] += num_masks
         c["structured_mask_fill_s"] += time.perf_counter() - started
         return StepMasks(step_id=plan.step_id, bitmask=bytes(buffer))
 

@@ -150,7 +150,7 @@ class Scheduler:
                 if now is None:
                     now = self._clock()
                 seq.request.first_scheduled_at = now
-        self._spec.attach(batch)  # proposals and their slots (scheduler/spec_decode.py)
+        self.policy.step_budget.add_proposed(self._spec.attach(batch))  # proposals, slots; time model counts them
         # Blocks are taken only here, so a high-water mark per step is exact.
         self._kv_blocks_used_peak = max(self._kv_blocks_used_peak, self.block_manager.num_used_blocks)
         return self._planner.plan(batch)

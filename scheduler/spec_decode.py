@@ -12,9 +12,11 @@ that held only rejected slots are freed and the worker told to truncate its tabl
 The prefix cache only sees tokens after they were accepted (mark_computed runs on the accepted
 count), so speculative tokens never enter it.
 
-Eligible: a plain decode (one token, the sequence's last) of a sequence without beams, grammar,
-pending forks, crash suspicion or penalties (penalties would need the counts of the proposed
-tokens inside one step; docs/speculative.md lists these limits). N-gram proposals are a pure
+Eligible: a plain decode (one token, the sequence's last) of a sequence without beams, pending
+forks or crash suspicion (docs/speculative.md lists these limits). Penalties are fine: each
+verification row counts the proposals before it (worker/input_batch.py). A grammar row takes
+n-gram proposals cut to what its grammar accepts, and gets a mask per verification position
+(scheduler/grammar_masks.py); with the draft method it does not speculate. N-gram proposals are a pure
 function of the tokens, and the draft model's KV cache is written wherever the target's is
 (worker/spec_draft.py), so recompute and restarts lose nothing.
 """
@@ -63,25 +65,29 @@ class SpecDecoder:
                    lookup_min=config.prompt_lookup_min, lookup_max=config.prompt_lookup_max,
                    max_model_len=max_model_len, max_batch=config.speculative_max_batch)
 
-    def attach(self, batch: Batch) -> None:
+    def attach(self, batch: Batch) -> int:
         """Propose for the eligible decodes of `batch` and reserve their slots (blocks appended to
         the batch entry, so the plan carries them). Every scheduled sequence leaves with its
-        `spec_token_ids` set: [] when it does not speculate."""
+        `spec_token_ids` set: [] when it does not speculate. Returns the tokens proposed (slots
+        reserved), which the step computes besides its batch's."""
         for seq, _, _ in batch.scheduled:
             seq.spec_token_ids, seq.spec_num_draft = [], 0
         if not self.enabled or (self.max_batch and len(batch.scheduled) > self.max_batch):
             self.counters["spec_steps_skipped"] += self.enabled
-            return
+            return 0
+        proposed = 0
         leftover = batch.budget - batch.num_tokens  # the step's token budget counts the proposals too
         bm = self.block_manager
         for index, (seq, num, new_blocks) in enumerate(batch.scheduled):
             if leftover <= 0:
                 break
-            if not self._eligible(seq, num) or self._backing_off(seq):
+            if not self._eligible(seq, num, self.draft) or self._backing_off(seq):
                 continue
             k = min(self.length_for(seq), leftover, seq.request.max_tokens - seq.num_output_tokens - 1,
                     self.max_model_len - seq.num_tokens)
             proposal = [] if self.draft else propose_ngram(seq.token_ids, k, self.lookup_min, self.lookup_max)
+            if seq.grammar is not None and proposal:  # only what the grammar allows: each position gets a mask
+                proposal = proposal[:seq.grammar.validate_tokens(proposal)]
             size = max(0, k) if self.draft else len(proposal)
             while size and not bm.can_append(seq.seq_id, size):
                 size -= 1  # only free blocks: speculation never preempts
@@ -96,6 +102,8 @@ class SpecDecoder:
             seq.spec_token_ids = proposal[:size]
             seq.spec_num_draft = size if self.draft else 0
             leftover -= size
+            proposed += size
+        return proposed
 
     def length_for(self, seq: Sequence) -> int:
         """Adaptive proposal length (tokens): K scaled by the sequence's recent acceptance, at least 1
@@ -114,11 +122,11 @@ class SpecDecoder:
         return False
 
     @staticmethod
-    def _eligible(seq: Sequence, num_tokens: int) -> bool:
-        params = seq.request.params
+    def _eligible(seq: Sequence, num_tokens: int, draft: bool) -> bool:
+        # A grammar row speculates with n-gram proposals only: the scheduler must know the proposed
+        # tokens to fill each verification position's mask (scheduler/grammar_masks.py).
         return (num_tokens == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and seq.request.beam is None
-                and seq.grammar is None and not seq.children and not seq.crashes and params.presence_penalty == 0
-                and params.frequency_penalty == 0 and params.repetition_penalty == 1)
+                and (seq.grammar is None or not draft) and not seq.children and not seq.crashes)
 
     def settle(self, seq: Sequence, work: ScheduledSeq, tokens: list[int]) -> int:
         """The worker answered `work` (which speculated, k proposals or k draft slots) with `tokens` (1..k+1): the new

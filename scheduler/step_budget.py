@@ -43,7 +43,7 @@ from shared.logging import get_logger
 log = get_logger("scheduler")
 
 OVER_TARGET_REASONS = ("no_decodes", "cold_start", "decodes", "misprediction")
-BUDGET_COUNTERS = ("step_decode_tokens", "step_prefill_tokens", "steps_over_target",
+BUDGET_COUNTERS = ("step_decode_tokens", "step_prefill_tokens", "step_proposed_tokens", "steps_over_target",
                    *(f"steps_over_target_{reason}" for reason in OVER_TARGET_REASONS))
 
 
@@ -53,6 +53,7 @@ class PlannedStep:
     prefill_tokens: int  # prompt (or recompute) chunk tokens
     budget: int  # tokens the step was allowed
     predicted_ms: float | None  # the model's time for decode + prefill tokens when planned
+    proposed_tokens: int = 0  # speculative proposals verified in the step (within the budget)
 
 
 class StepBudget:
@@ -97,6 +98,14 @@ class StepBudget:
         self._planned = PlannedStep(decode_tokens, prefill_tokens, budget,
                                     self.model.predict_ms(decode_tokens + prefill_tokens))
 
+    def add_proposed(self, tokens: int) -> None:
+        """Speculation added `tokens` verification positions to the step just recorded: the
+        step-time model learns the step's time against all the tokens it computed."""
+        if self._planned is not None and tokens:
+            self._planned.proposed_tokens += tokens
+            self._planned.predicted_ms = self.model.predict_ms(
+                self._planned.decode_tokens + self._planned.prefill_tokens + self._planned.proposed_tokens)
+
     def observe(self, step_time_s: float, step_id: int = -1) -> str | None:
         """The recorded step took `step_time_s` on the worker: learn from it; returns why it ran
         over the target (None when it did not, or without a target)."""
@@ -107,7 +116,8 @@ class StepBudget:
         c["step_decode_tokens"] += step.decode_tokens
         c["step_prefill_tokens"] += step.prefill_tokens
         ms = step_time_s * 1000.0
-        self.model.observe(step.decode_tokens + step.prefill_tokens, ms)
+        c["step_proposed_tokens"] += step.proposed_tokens
+        self.model.observe(step.decode_tokens + step.prefill_tokens + step.proposed_tokens, ms)
         if self.target_ms is None or ms <= self.target_ms:
             return None
         if step.decode_tokens == 0:

@@ -151,7 +151,7 @@ class SchedulerConfig(_Section):
     prompt_lookup_min: Annotated[int, _help("ngram: shortest n-gram matched", "TOKENS")] = 1
     prompt_lookup_max: Annotated[int, _help("ngram: longest n-gram matched (tried first)", "TOKENS")] = 3
     speculative_max_batch: Annotated[int, _help("speculate only in steps of at most N sequences; larger steps are "
-                                                "compute-bound (0: always; docs/speculative.md)", "N")] = 4
+                                                "compute-bound (0: always; docs/speculative.md)", "N")] = 3
     draft_model: Annotated[str, _help("draft: the draft model, resolved like --model (a Hugging Face directory, a "
                                       ".gguf file, or default); same tokenizer as the target", "DIR|FILE")] = ""
     draft_load_format: Annotated[LoadFormat, _help("draft: auto reads its weights; dummy draws random ones")] = "auto"

@@ -39,7 +39,8 @@ from shared.structured import StructuredOutputs
 #   stored/evicted and load, every 0.1 s), KvSnapshotQuery (frontend -> scheduler, after a gap).
 # 5 (speculative decoding): ScheduledSeq.spec_token_ids/block_table_len, StepResult.extra_tokens/extra_logprobs.
 # 6 (draft-model speculation): ScheduledSeq.num_draft_tokens; TokenDelta.spec_proposed/spec_accepted.
-PROTOCOL_VERSION = 6
+# 7: StepMasks also holds a mask per speculative proposal of a masked row (grammar rows speculate).
+PROTOCOL_VERSION = 7
 
 # Bounds on untrusted sizes. The frame itself is bounded by ZMQ_MAXMSGSIZE (shared/ipc.py).
 MAX_PROMPT_TOKENS = 1 << 20
@@ -603,8 +604,10 @@ class StepPlan(_Internal, tag="plan"):
 
 class StepMasks(_Internal, tag="masks"):
     """Sent to rank 0 right after a plan with `masked_rows`, filled while the worker runs its
-    forward: one row per masked row, in that order, of ceil(vocab_size / 32) little-endian
-    int32 words; bit j of word w allows token 32 * w + j."""
+    forward: per masked row, in that order, the mask of its sampled position, then one per
+    speculative proposal of that row (`ScheduledSeq.spec_token_ids`, the position after each);
+    a mask is ceil(vocab_size / 32) little-endian int32 words; bit j of word w allows token
+    32 * w + j."""
 
     step_id: int
     bitmask: bytes

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from shared.protocol import StepPlan
+
 
 def apply_grammar_masks(logits: torch.Tensor, bitmask: bytes, logit_rows: list[int]) -> None:
     """In place. `logits` float32 ``[rows, vocab]``; `bitmask` holds len(logit_rows) mask rows,
@@ -27,3 +29,21 @@ def apply_grammar_masks(logits: torch.Tensor, bitmask: bytes, logit_rows: list[i
     rows = logits.index_select(0, index)
     rows.masked_fill_(~allowed.to(logits.device), float("-inf"))
     logits.index_copy_(0, index, rows)
+
+
+def mask_logit_rows(plan: StepPlan, sampled_positions: list[int],
+                    spec_rows: list[tuple[int, object, list[int]]]) -> list[int]:
+    """The logits row of each mask in the step's `StepMasks`, in its order: per masked row its
+    sampled row, then its speculative verification rows. Sampled rows come first in the logits,
+    in `sampled_positions` order; verification rows follow, `spec_rows` (index into
+    sampled_positions, sequence, proposal) in order, len(proposal) each."""
+    row_of = {position: i for i, position in enumerate(sampled_positions)}
+    verification_of, offset = {}, len(sampled_positions)
+    for index, _, proposal in spec_rows:
+        verification_of[sampled_positions[index]] = range(offset, offset + len(proposal))
+        offset += len(proposal)
+    rows = []
+    for position in plan.masked_rows:
+        rows.append(row_of[position])
+        rows.extend(verification_of.get(position, ()))
+    return rows

@@ -140,6 +140,7 @@ class InputBatch:
         sample_index: list[int] = []  # each sampled row's next token index among the generated ones
         extra_flat, extra_rows, extra_index = [], [], []  # speculative positions 1..k: flat index, row, token index
         spec_rows: list[tuple[int, SeqState, list[int]]] = []
+        extra_adds: list[tuple[int, int]] = []  # (speculative row, proposal token) for penalty counts
         for i, work in enumerate(scheduled):
             seq = self.seqs.get(work.seq_id)
             if seq is None:
@@ -172,6 +173,8 @@ class InputBatch:
                     extra_flat.extend(range(last + 1, last + 1 + len(spec)))
                     extra_rows.extend([seq.row] * len(spec))
                     extra_index.extend(range(end - seq.prompt_len + 1, end - seq.prompt_len + 1 + len(spec)))
+                    for j in range(len(spec)):  # the row after proposal j counts proposals 0..j as generated
+                        extra_adds.extend((len(extra_rows) - len(spec) + j, token) for token in spec[:j + 1])
                 sample_flat.append(flat_start + work.num_tokens - 1)
                 sample_index.append(end - seq.prompt_len)
                 sampled_positions.append(i)
@@ -212,7 +215,11 @@ class InputBatch:
             # the same row one index further, so seeded noise matches the non-speculative step's.
             sampled_rows = np.concatenate([rows[sampled_positions], np.array(extra_rows, dtype=np.int64)])
             generated_index = np.array(sample_index + extra_index, dtype=np.int64)
-            sampling = self.sampling.metadata(sampled_rows, generated_index)
+            count_adds = None
+            if extra_adds:
+                adds = np.array(extra_adds, dtype=np.int64)
+                count_adds = (adds[:, 0] + len(sample_flat), adds[:, 1])
+            sampling = self.sampling.metadata(sampled_rows, generated_index, count_adds)
         return StepInputs(
             input_ids=to_device(np.asarray(input_ids, dtype=np.int64), torch.int64),
             positions=to_device(positions, torch.int64),

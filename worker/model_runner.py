@@ -27,7 +27,7 @@ from worker.attention import get_attention_backend
 from worker.beam_candidates import add_candidates, beam_rows
 from worker.cpu_linear import pack_linears, should_pack
 from worker.decode_graphs import Capture, DecodeGraphs, capture_sizes, cuda_capture
-from worker.grammar_mask import apply_grammar_masks
+from worker.grammar_mask import apply_grammar_masks, mask_logit_rows
 from worker.input_batch import InputBatch, StepInputs
 from worker.kernel_build import cpu_kernel_status, prepare_cpu_kernel
 from worker.kv_cache import (GIB, KVCache, allocate_kv_cache, bytes_per_block, kv_cache_budget_bytes,
@@ -257,8 +257,8 @@ class ModelRunner:
             if plan.masked_rows:
                 if await_masks is None:
                     raise RuntimeError(f"step {plan.step_id} has grammar masks and nothing to receive them")
-                row_of = {position: i for i, position in enumerate(inputs.sampled_positions)}
-                apply_grammar_masks(logits, await_masks(plan.step_id), [row_of[r] for r in plan.masked_rows])
+                apply_grammar_masks(logits, await_masks(plan.step_id),
+                                    mask_logit_rows(plan, inputs.sampled_positions, inputs.spec_rows))
             out = self.sampler.sample(logits, inputs.sampling, self.batch.sampling)
             token_ids, logprobs = out.token_ids, out.logprobs
             beams = beam_rows(plan.scheduled, inputs.sampled_positions)

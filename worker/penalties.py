@@ -33,7 +33,10 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata, state: Samplin
     rows = meta.penalty_rows
     # Advanced indexing: index_select on CPU is ~30x slower for rows this wide (torch 2.13).
     state_rows = meta.rows[rows]
-    counts = state.output_counts[state_rows]
+    counts = state.output_counts[state_rows]  # a copy (advanced indexing): the adds stay in this step
+    if meta.penalty_count_adds is not None:
+        index, tokens = meta.penalty_count_adds
+        counts.index_put_((index, tokens), torch.ones_like(tokens, dtype=counts.dtype), accumulate=True)
     seen_in_output = counts > 0
     seen = seen_in_output | state.prompt_mask[state_rows]
     penalised = logits[rows]

@@ -54,6 +54,9 @@ class SamplingMetadata:
     seed_words: torch.Tensor | None  # int64 [S, 4]: seed low/high 32 bits, output index, generated index
     unseeded_rows: torch.Tensor | None  # int64: non-greedy rows without a seed (worker generator noise)
     penalty_rows: torch.Tensor | None  # int64: rows with a penalty; the three penalties are indexed by these
+    # Speculative verification rows count the proposals before them as generated (worker/spec_verify.py):
+    # (index into penalty_rows, token id) pairs, one per proposal counted, added to that row's counts.
+    penalty_count_adds: tuple[torch.Tensor, torch.Tensor] | None
     num_logprobs: np.ndarray  # int64 [B]: top-k logprobs wanted per row, -1 for none
 
 
@@ -129,9 +132,12 @@ class SamplingState:
             self.output_counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.int32),
                                           accumulate=True)
 
-    def metadata(self, rows: np.ndarray, generated_index: np.ndarray) -> SamplingMetadata:
+    def metadata(self, rows: np.ndarray, generated_index: np.ndarray,
+                 count_adds: tuple[np.ndarray, np.ndarray] | None = None) -> SamplingMetadata:
         """The sampling inputs of `rows` (int64), whose next tokens have these indices among the
-        generated ones (0 = the first)."""
+        generated ones (0 = the first). `count_adds` (batch positions, token ids): tokens that count
+        as generated for that batch position only, beyond the row's counts (the proposals before a
+        speculative verification row)."""
         floats, ints = self._floats[rows], self._ints[rows]
         device = self.device
         greedy = floats[:, 0] == 0.0
@@ -159,6 +165,14 @@ class SamplingState:
             stop_ids = self._stop_ids[rows].copy()
             stop_ids[~under_min] = -1
             min_tokens_stop_ids = torch.from_numpy(stop_ids).to(device)
+        penalty_count_adds = None
+        if count_adds is not None and penalised.any():
+            positions, tokens = count_adds
+            keep = penalised[positions]
+            if keep.any():
+                penalty_index = np.cumsum(penalised) - 1  # batch position -> index into penalty_rows
+                penalty_count_adds = (torch.from_numpy(penalty_index[positions[keep]]).to(device),
+                                      torch.from_numpy(tokens[keep].astype(np.int64)).to(device))
         return SamplingMetadata(
             num_rows=len(rows),
             rows=torch.from_numpy(rows.astype(np.int64)).to(device),
@@ -179,5 +193,6 @@ class SamplingState:
             seed_words=seed_words,
             unseeded_rows=torch.from_numpy(np.nonzero(unseeded)[0]).to(device) if unseeded.any() else None,
             penalty_rows=torch.from_numpy(np.nonzero(penalised)[0]).to(device) if penalised.any() else None,
+            penalty_count_adds=penalty_count_adds,
             num_logprobs=num_logprobs.copy(),
         )

@@ -141,3 +141,19 @@ def test_the_chunk_cap_resolves_from_max_model_len():
     assert scheduler.resolved_long_prefill_token_threshold(2048) == 256
     assert ServerConfig.from_settings(long_prefill_token_threshold=0).scheduler \
         .resolved_long_prefill_token_threshold(8192) == 0
+
+
+def test_speculative_proposals_count_as_tokens_of_the_step():
+    observed = []
+
+    class Recording(StepTimeModel):
+        def observe(self, tokens: int, ms: float) -> None:
+            observed.append(tokens)
+            super().observe(tokens, ms)
+
+    budget = StepBudget(512, model=Recording())
+    budget.record(2, 0, 512)
+    budget.add_proposed(6)  # two decodes verifying 3 proposals each: 8 positions computed
+    budget.observe(0.010)
+    assert observed == [8]
+    assert budget.figures()["step_proposed_tokens"] == 6

@@ -77,4 +77,4 @@ def test_frames_of_protocol_version_1_still_decode():
     old_hello = msgspec.msgpack.encode(["fe_hello", "fe-1"])
     assert p.decoder_for(p.FrontendMessage).decode(old_hello).protocol_version == 1
     new_hello = p.FrontendHello("fe-1", protocol_version=p.PROTOCOL_VERSION)
-    assert p.decoder_for(p.FrontendMessage).decode(p.encode(new_hello)).protocol_version == p.PROTOCOL_VERSION == 6
+    assert p.decoder_for(p.FrontendMessage).decode(p.encode(new_hello)).protocol_version == p.PROTOCOL_VERSION == 7

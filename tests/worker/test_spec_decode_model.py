@@ -5,12 +5,16 @@ proposals accepted, with preemption forced, and with n = 2."""
 
 from __future__ import annotations
 
+import json
+import threading
+
 import pytest
 import torch
 
 from scheduler.scheduler import Scheduler
 from shared.config import ServerConfig
 from shared.protocol import AddRequest, SamplingParams
+from shared.structured import StructuredOutputs
 from worker.model_runner import ModelRunner
 
 transformers = pytest.importorskip("transformers")
@@ -29,8 +33,13 @@ def spec_runner(spec_files):
 
 
 @pytest.fixture(scope="module")
-def spec_prompts(spec_files):
-    tok = transformers.AutoTokenizer.from_pretrained(spec_files.directory, gguf_file=spec_files.gguf_file)
+def spec_tokenizer(spec_files):
+    return transformers.AutoTokenizer.from_pretrained(spec_files.directory, gguf_file=spec_files.gguf_file)
+
+
+@pytest.fixture(scope="module")
+def spec_prompts(spec_tokenizer):
+    tok = spec_tokenizer
 
     def chat(text):
         return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
@@ -44,20 +53,31 @@ def spec_prompts(spec_files):
     return prompts
 
 
-def generate(runner: ModelRunner, prompts, params: SamplingParams, *, k: int, num_blocks: int = 400):
-    """Outputs by (request index, output index), and the scheduler's stats."""
+def generate(runner: ModelRunner, prompts, params: SamplingParams, *, k: int, num_blocks: int = 400,
+             tokenizer_json: str = ""):
+    """Outputs by (request index, output index), and the scheduler's stats. Structured requests
+    need `tokenizer_json`; their grammar masks go to the runner as the worker loop sends them."""
     hello = runner.hello()
     config = ServerConfig.from_settings(max_num_seqs=32, speculative_method="ngram" if k else "none",
                                         num_speculative_tokens=k, speculative_max_batch=0)
+    compiled = threading.Event()
     sched = Scheduler(config.scheduler, num_device_blocks=min(num_blocks, hello.num_device_blocks),
                       block_size=hello.block_size, max_model_len=hello.max_model_len, vocab_size=hello.vocab_size,
-                      eos_token_ids=hello.eos_token_ids)
+                      eos_token_ids=hello.eos_token_ids, wake=compiled.set)
+    if tokenizer_json:
+        sched.structured.set_tokenizer(tokenizer_json)
     for i, prompt in enumerate(prompts):
         assert sched.add_request(AddRequest(f"r{i}", prompt, params, 0.0, 0), b"fe") is None
+    while sched.awaiting_grammar():
+        assert compiled.wait(30), "a grammar never finished compiling"
+        compiled.clear()
+        assert not sched.admit_compiled()
     outputs, logprobs = {}, {}
     while sched.has_work():
         plan = sched.schedule()
-        for _, delta in sched.update(runner.execute(plan)):
+        masks = sched.step_masks(plan)
+        result = runner.execute(plan, None if masks is None else lambda step_id: masks.bitmask)
+        for _, delta in sched.update(result):
             key = (int(delta.request_id[1:]), delta.index)
             outputs.setdefault(key, []).extend(delta.token_ids)
             logprobs.setdefault(key, []).extend(delta.logprobs)
@@ -92,3 +112,44 @@ def test_spec_seeded_n2_reproduces_non_speculative(spec_runner, spec_prompts):
     got, _, stats = generate(spec_runner, spec_prompts[:8], params, k=4)
     assert got == want
     assert stats["spec_proposed_tokens"] > 0
+
+
+def test_spec_with_penalties_matches_non_speculative(spec_runner, spec_prompts):
+    # Each verification row counts the proposals before it as generated; a wrong count changes the
+    # penalised logits and, on these copy-heavy prompts, the greedy choice.
+    penalties = dict(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.3)
+    params = SamplingParams(temperature=0.0, max_tokens=24, **penalties)
+    want, _, _ = generate(spec_runner, spec_prompts, params, k=0)
+    got, _, stats = generate(spec_runner, spec_prompts, params, k=4)
+    assert got == want
+    assert stats["spec_accepted_tokens"] > 0
+    params = SamplingParams(temperature=0.3, seed=3, n=2, max_tokens=24, **penalties)
+    want, _, _ = generate(spec_runner, spec_prompts[:8], params, k=0)
+    got, _, stats = generate(spec_runner, spec_prompts[:8], params, k=4)
+    assert got == want
+    assert stats["spec_accepted_tokens"] > 0
+
+
+def test_spec_with_grammar_matches_non_speculative(spec_runner, spec_tokenizer):
+    # JSON that repeats its keys and copies the prompt's values: n-gram proposals cut to what the
+    # grammar allows, a mask per verification position.
+    records = [{"name": name, "city": city, "age": age} for name, city, age in
+               [("Ada", "London", 36), ("Alan", "Wilmslow", 41), ("Grace", "Arlington", 85), ("Linus", "Helsinki", 54)]]
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "city": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "city", "age"], "additionalProperties": False}
+    schema = {"type": "object", "properties": {"people": {"type": "array", "items": person, "maxItems": 4}},
+              "required": ["people"], "additionalProperties": False}
+    tok = spec_tokenizer
+    prompts = [list(tok.apply_chat_template(
+        [{"role": "user", "content": f"Repeat these records as JSON: {json.dumps(records[i:] + records[:i])}"}],
+        add_generation_prompt=True, return_dict=False)) for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=64, structured_outputs=StructuredOutputs(json=schema))
+    tokenizer_json = tok.backend_tokenizer.to_str()
+    want, _, _ = generate(spec_runner, prompts, params, k=0, tokenizer_json=tokenizer_json)
+    got, _, stats = generate(spec_runner, prompts, params, k=4, tokenizer_json=tokenizer_json)
+    assert got == want
+    assert stats["spec_accepted_tokens"] > 0
+    for tokens in got.values():  # every output is schema-valid JSON so far
+        assert tok.decode(tokens).startswith('{"people":[')
