@@ -168,8 +168,13 @@ class SpecDecoder:
             bm._device.release(block_id)
         return bool(freed)
 
-    def stats(self) -> dict[str, int]:
-        """The counters, and per proposal position j the rows that accepted it (spec_accepted_pos_j)."""
+    def stats(self) -> dict[str, int | float]:
+        """The counters, per proposal position j the rows that accepted it (spec_accepted_pos_j), the
+        acceptance rate (accepted / proposed tokens) and the mean accepted length (accepted tokens
+        per verifying row), both since start, 0 before the first proposal."""
         if not self.enabled:
             return {}
-        return {**self.counters, **{f"spec_accepted_pos_{j}": n for j, n in enumerate(self.accepted_at)}}
+        c = self.counters
+        return {**c, **{f"spec_accepted_pos_{j}": n for j, n in enumerate(self.accepted_at)},
+                "spec_acceptance_rate": round(c["spec_accepted_tokens"] / max(1, c["spec_proposed_tokens"]), 4),
+                "spec_mean_accepted_length": round(c["spec_accepted_tokens"] / max(1, c["spec_rows"]), 4)}

@@ -128,6 +128,9 @@ def test_spec_outputs_match_reference_and_accept_proposals():
         assert h.outputs[(f"r{i}", 0)] == want
     stats = h.scheduler.stats()
     assert stats["spec_accepted_tokens"] > 0 and stats["spec_proposed_tokens"] > stats["spec_accepted_tokens"]
+    assert stats["spec_acceptance_rate"] == round(stats["spec_accepted_tokens"] / stats["spec_proposed_tokens"], 4)
+    assert stats["spec_mean_accepted_length"] == round(stats["spec_accepted_tokens"] / stats["spec_rows"], 4)
+    assert sum(stats[f"spec_accepted_pos_{j}"] for j in range(4)) == stats["spec_accepted_tokens"]
     assert stats["tokens_generated"] == 4 * 40
     assert stats["steps"] < 4 * 40  # several tokens per step
     assert stats["kv_blocks_used"] == 0
