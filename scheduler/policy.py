@@ -128,8 +128,8 @@ class BatchPolicy:
         return batch
 
     def observe_step(self, step_time_s: float, step_id: int = -1) -> str | None:
-        """The worker's time for the step last scheduled (seconds): the step-time model learns
-        from it; returns why it ran over `target_tpot_ms`, if it did (scheduler/step_budget.py)."""
+        """The time of the step last scheduled (seconds; its cycle, scheduler/step_budget.py): the
+        step-time model learns from it; returns why it ran over `target_tpot_ms`, if it did."""
         return self.step_budget.observe(step_time_s, step_id)
 
     def _run_alone(self, seq: Sequence, batch: Batch) -> bool:

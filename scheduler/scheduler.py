@@ -41,10 +41,9 @@ _COUNTERS = ("requests_finished", "requests_aborted", "requests_failed", "reques
 class Scheduler:
     """Block tables, admission, continuous batching and preemption for one model.
 
-    Sizes come from the workers' handshake: `num_device_blocks` KV blocks of
-    `block_size` tokens, `num_host_blocks` blocks of host swap space;
-    `max_model_len` tokens per sequence. The rest is `config` (one place resolves
-    derived settings: `SchedulerConfig.resolved_max_num_batched_tokens`).
+    Sizes come from the workers' handshake: `num_device_blocks` KV blocks of `block_size` tokens,
+    `num_host_blocks` blocks of host swap space; `max_model_len` tokens per sequence. The rest is
+    `config` (one place resolves derived settings: `SchedulerConfig.resolved_max_num_batched_tokens`).
 
     Owned here, one owner each: the requests and sequences (`RequestTable`), the
     running list and queues (`BatchPolicy`), the block tables (`BlockManager`), and
@@ -163,10 +162,11 @@ class Scheduler:
         seqs = [self._requests.sequence(plan.scheduled[row].seq_id) for row in plan.masked_rows]
         return self.structured.masks(plan, seqs)
 
-    def update(self, result: StepResult) -> Outputs:
-        """Apply the worker's sampled tokens for the step in flight; returns (frontend
-        identity, delta) pairs: one per sequence that sampled a token. Sequences aborted
-        while the step was in flight are skipped.
+    def update(self, result: StepResult, cycle_s: float | None = None) -> Outputs:
+        """Apply the worker's sampled tokens for the step in flight; returns (frontend identity, delta)
+        pairs: one per sequence that sampled a token. Sequences aborted while the step was in flight
+        are skipped. The step-time model learns `cycle_s` (seconds between a sequence's tokens: the
+        loop measures it) if given, else the worker's own `step_time_s`.
 
         Raises ValueError on a result that does not answer the step in flight (a worker
         bug); `on_worker_restart()` then brings the state back to consistent."""
@@ -178,7 +178,7 @@ class Scheduler:
                              f"step {plan.step_id} with {len(plan.scheduled)} sequences")
         self._planner.complete()
         self._counters["steps"] += 1
-        self.policy.observe_step(result.step_time_s, plan.step_id)  # the step-time model learns its time
+        self.policy.observe_step(result.step_time_s if cycle_s is None else cycle_s, plan.step_id)
         outputs = []
         any_finished = False
         for i, (work, token) in enumerate(zip(plan.scheduled, result.sampled)):

@@ -22,8 +22,11 @@ tokens for, decoding alone (on top of `max_num_seqs`): else a burst admitted in 
 nothing decoding would decode past the target for its whole life.
 
 Each step planned is `record`ed (its decode and prefill tokens, its budget, the model's
-prediction) and then `observe`d with the worker's step time, which feeds the model and, with
-a target, classifies a step that ran over it:
+prediction) and then `observe`d with its time, which feeds the model and, with a target,
+classifies a step that ran over it. That time is the step's cycle as its sequences see it between
+two tokens (planning, the round trip to the worker and its forward, applying the step before:
+scheduler/worker_link.py measures it), so the target bounds the TPOT a client sees, not just the
+worker's share of it; without a loop (tests, benches in process) it is the worker's own time:
 
 * `no_decodes`: nothing was decoding, so the whole budget went to prefill (allowed);
 * `cold_start`: the model had not seen a step yet;
@@ -107,8 +110,8 @@ class StepBudget:
                 self._planned.decode_tokens + self._planned.prefill_tokens + self._planned.proposed_tokens)
 
     def observe(self, step_time_s: float, step_id: int = -1) -> str | None:
-        """The recorded step took `step_time_s` on the worker: learn from it; returns why it ran
-        over the target (None when it did not, or without a target)."""
+        """The recorded step took `step_time_s` (its cycle, or the worker's time): learn from it;
+        returns why it ran over the target (None when it did not, or without a target)."""
         step, self._planned = self._planned, None
         if step is None:
             return None

@@ -73,6 +73,10 @@ class WorkerLink:
         self._scheduler: Scheduler | None = None
         self._decoder = p.decoder_for(p.WorkerMessage)
         self._rejoin_sent: dict[bytes, float] = {}  # identity -> monotonic seconds of its last Rejoin
+        # A step's cycle, as its sequences see it between two tokens (perf_counter seconds): from
+        # planning it to its result, plus applying the step before (updates, deltas sent).
+        self._step_started: tuple[int, float] = (-1, 0.0)  # (step id, when its planning began)
+        self._last_apply_s = 0.0
 
     @property
     def scheduler(self) -> Scheduler | None:
@@ -120,8 +124,12 @@ class WorkerLink:
             log.error("scheduler.unexpected_result", step_id=msg.step_id, rank=rank)
             return
         received = time.perf_counter()
-        self.send_deltas(self._scheduler.update(msg))
-        self.step_stats.on_result(plan, msg, received=received, applied=time.perf_counter())
+        step_id, started = self._step_started
+        cycle_s = received - started + self._last_apply_s if step_id == msg.step_id else None
+        self.send_deltas(self._scheduler.update(msg, cycle_s))
+        applied = time.perf_counter()
+        self._last_apply_s = applied - received
+        self.step_stats.on_result(plan, msg, received=received, applied=applied)
 
     def _on_stranger(self, ident: bytes, msg) -> None:
         """A message from no member: a worker dropped from a dissolved group (it hung and woke
@@ -182,6 +190,7 @@ class WorkerLink:
         if not plan.scheduled:
             return
         frame = self.router.encode(plan)
+        self._step_started = (plan.step_id, started)
         self.step_stats.on_plan(plan, started=started, sent=time.perf_counter())
         for rank, ident in self.group.identities():
             if self.router.send_frame(ident, frame):

@@ -157,3 +157,25 @@ def test_speculative_proposals_count_as_tokens_of_the_step():
     budget.observe(0.010)
     assert observed == [8]
     assert budget.figures()["step_proposed_tokens"] == 6
+
+
+def test_the_scheduler_learns_the_cycle_its_loop_measured_over_the_workers_time():
+    # The loop passes the cycle between two tokens (planning + round trip + applying); the worker's
+    # own step_time_s is only the fallback, so the target bounds the TPOT a client sees.
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from sched_harness import FakeWorker, add, make_scheduler
+
+    sched, worker = make_scheduler(), FakeWorker(4)
+    observed = []
+    model = sched.policy.step_budget.model
+    model.observe = lambda tokens, ms: observed.append((tokens, ms))
+    sched.add_request(add("r", [1, 2, 3], max_tokens=3, ignore_eos=True), b"fe")
+    for cycle_s in (0.020, 0.021, None):
+        plan = sched.schedule()
+        worker.apply(plan)
+        result = worker.run(plan)
+        result.step_time_s = 0.005
+        sched.update(result, cycle_s=cycle_s)
+    assert observed == [(3, 20.0), (1, 21.0), (1, 5.0)]
