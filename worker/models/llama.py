@@ -107,14 +107,19 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return inv_freq
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rope_tables(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin) ``[num_tokens, head_dim]`` in `dtype` for `apply_rope`, from the angles
+    ``[num_tokens, head_dim / 2]``: cos repeats over both halves; sin is negated on the first."""
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x ``[num_tokens, heads, head_dim]``; cos/sin ``[num_tokens, head_dim]`` in x's dtype."""
-    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x ``[num_tokens, heads, head_dim]``; tables from `rope_tables`. Hugging Face's
+    ``x * cos + rotate_half(x) * sin`` with rotate_half(x) = [-x2, x1]: rolling by half gives
+    [x2, x1] and the signed sin carries the minus (x2 * -s == -(x2 * s) exactly), so the result is
+    bit for bit the same in 4 ops instead of 7."""
+    return x * cos[:, None, :] + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin[:, None, :]
 
 
 class RMSNorm(nn.Module):
@@ -124,9 +129,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Hugging Face's LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) in float32, rounded to x's dtype,
+        # then times the weight. F.rms_norm computes the first part in one op, bit for bit the same.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -146,13 +151,17 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
         num_tokens = x.shape[0]
-        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.wqkv(x)
+        v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is None:  # q and k are adjacent in the fused output: one rotation for both
+            qk = qkv[:, :self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+            q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+            q = q.contiguous()  # the attention backends take a dense query
+        else:
+            q = self.q_norm(qkv[:, :self.q_size].view(num_tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(qkv[:, self.q_size:self.q_size + self.kv_size].view(num_tokens, self.num_kv_heads,
+                                                                                   self.head_dim))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         key_cache, value_cache = kv_cache
         self.backend.write_kv(k, v, key_cache, value_cache, meta)
         out = self.backend.attend(q, key_cache, value_cache, meta, self.scale)
@@ -236,9 +245,8 @@ class LlamaForCausalLM(nn.Module):
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         angles = positions.float()[:, None] * self.inv_freq[None, :]
-        angles = torch.cat((angles, angles), dim=-1)
         x = self.tok_embeddings(input_ids)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = rope_tables(angles, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv_cache, meta)
         return self.norm(x)
