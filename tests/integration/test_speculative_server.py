@@ -14,15 +14,14 @@ import sys
 
 import pytest
 from server_process import ServerProcess
+from small_llama import save_small_llama
 
 from shared.client import AsyncClient, Client
-from shared.models import resolve_model
 from shared.protocol import SamplingParams
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "worker"))
 from hf_reference import hf_greedy  # noqa: E402
 from test_operations import check_events_against_docs  # noqa: E402
-from test_random_checkpoints import randomize  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -85,23 +84,8 @@ async def _generate_all(address: str, requests: list[dict]) -> list:
 
 
 def test_ngram_greedy_under_tensor_parallel_2_matches_transformers(tmp_path):
-    import torch
-    import transformers
-
-    files = resolve_model("default")
     path = tmp_path / "small_llama"
-    transformers.AutoTokenizer.from_pretrained(files.directory, gguf_file=files.gguf_file).save_pretrained(path)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=8, num_key_value_heads=4, vocab_size=49152,
-                                      max_position_embeddings=4096, rms_norm_eps=1e-6, eos_token_id=2,
-                                      bos_token_id=1)
-    hf = transformers.LlamaForCausalLM(config).eval()
-    randomize(hf)
-    with torch.no_grad():  # weak attention: the next token depends mostly on the last one, so runs repeat
-        for layer in hf.model.layers:
-            layer.self_attn.o_proj.weight.mul_(0.05)
-    hf.save_pretrained(path)
+    hf = save_small_llama(path, attention_output_scale=0.05)  # weak attention: greedy runs repeat
     srv = ServerProcess(str(tmp_path / "run"), "--model", str(path), "--tensor-parallel-size", "2",
                         "--block-size", "8", "--speculative-method", "ngram", "--num-speculative-tokens", "4",
                         "--speculative-max-batch", "0", "--stats-interval-s", "0.5")

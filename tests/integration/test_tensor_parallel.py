@@ -26,14 +26,13 @@ import time
 
 import pytest
 from server_process import ServerProcess, free_port
+from small_llama import save_small_llama
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "worker"))
 from hf_reference import hf_greedy  # noqa: E402
-from test_random_checkpoints import randomize  # noqa: E402
 from test_operations import check_events_against_docs  # noqa: E402
 
 from shared.client import AsyncClient, Client
-from shared.models import resolve_model
 from shared.protocol import SamplingParams
 from shared.structured import StructuredOutputs
 
@@ -138,23 +137,9 @@ class Roles:
 
 @pytest.fixture(scope="module")
 def small_llama_with_tokenizer(tmp_path_factory):
-    """A random-weight Llama (8 query heads, 4 KV heads) with the default model's tokenizer and
-    vocabulary size, so the frontend can serve it."""
-    import torch
-    import transformers
-
-    files = resolve_model("default")
+    """tests/integration/small_llama.py's model, saved once for the module."""
     path = tmp_path_factory.mktemp("small_llama_tok")
-    transformers.AutoTokenizer.from_pretrained(files.directory, gguf_file=files.gguf_file).save_pretrained(path)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=8, num_key_value_heads=4, vocab_size=49152,
-                                      max_position_embeddings=4096, rms_norm_eps=1e-6, eos_token_id=2,
-                                      bos_token_id=1)
-    hf = transformers.LlamaForCausalLM(config).eval()
-    randomize(hf)
-    hf.save_pretrained(path)
-    return str(path), hf
+    return str(path), save_small_llama(path)
 
 
 def test_small_llama_tp2_roles_apart_and_a_dead_rank_fails_the_group(small_llama_with_tokenizer, tmp_path):
