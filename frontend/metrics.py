@@ -95,7 +95,25 @@ class SchedulerCollector:
         for mode in ("recompute", "swap"):
             preemptions.add_metric([self.model_name, mode], stats.get(f"preemptions_{mode}", 0))
         yield preemptions
+        yield from self._speculation(stats, labels)
         yield from replica_families(PREFIX, self.model_name, stats.get("replicas") or [])
+
+    def _speculation(self, stats: dict, labels: list[str]) -> Iterator[Metric]:
+        """vLLM's speculative-decoding counters, when speculation is on (docs/speculative.md)."""
+        if "spec_rows" not in stats:
+            return
+        for name, key, doc in (("spec_decode_num_drafts", "spec_rows", "Rows that verified a proposal"),
+                               ("spec_decode_num_draft_tokens", "spec_proposed_tokens", "Tokens proposed"),
+                               ("spec_decode_num_accepted_tokens", "spec_accepted_tokens", "Proposed tokens accepted")):
+            yield _counter(name, doc, labels, stats.get(key, 0))
+        per_position = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                           "Rows whose proposal at this position (0-based) was accepted",
+                                           labels=["model_name", "position"])
+        prefix = "spec_accepted_pos_"
+        positions = sorted(int(k.removeprefix(prefix)) for k in stats if k.startswith(prefix))
+        for position in positions:
+            per_position.add_metric([self.model_name, str(position)], stats[f"spec_accepted_pos_{position}"])
+        yield per_position
 
 
 def _gauge(name: str, doc: str, labels: list[str], value: float) -> GaugeMetricFamily:

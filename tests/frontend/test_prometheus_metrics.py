@@ -178,3 +178,15 @@ def test_the_stand_alone_endpoint_serves_only_get_metrics():
     assert status == 200 and content_type.startswith("text/plain")
     assert value(text, "pagedserve:num_requests_waiting") == 2
     assert (missing, post) == (404, 405)
+
+
+def test_speculation_counters_appear_when_speculation_is_on():
+    assert "spec_decode" not in render(FrontendMetrics(MODEL, fake_stats(SCHEDULER_STATS)))
+    stats = {**SCHEDULER_STATS, "spec_rows": 10, "spec_proposed_tokens": 30, "spec_accepted_tokens": 12,
+             "spec_accepted_pos_0": 7, "spec_accepted_pos_1": 4, "spec_accepted_pos_2": 1, "spec_steps_skipped": 0}
+    text = render(FrontendMetrics(MODEL, fake_stats(stats)))
+    assert value(text, "pagedserve:spec_decode_num_drafts_total") == 10
+    assert value(text, "pagedserve:spec_decode_num_draft_tokens_total") == 30
+    assert value(text, "pagedserve:spec_decode_num_accepted_tokens_total") == 12
+    assert [value(text, "pagedserve:spec_decode_num_accepted_tokens_per_pos_total", position=str(j))
+            for j in range(3)] == [7, 4, 1]
