@@ -18,7 +18,8 @@
 //
 // Per run of KV heads h0..h1 of one sequence, in tiles of W tokens (W = vector lanes):
 //   1. scores: per query row, W dot products kept as W vector accumulators and summed into one
-//      vector of W scores at once (a transpose-add), not one horizontal sum per score;
+//      vector of W scores at once (a transpose-add), not one horizontal sum per score; each K row
+//      loaded once for up to 3 query rows (AVX-512);
 //   2. softmax per row over the whole context, with a vectorized polynomial exp (~1 ulp);
 //   3. values: out_row += p[t] * V[t], each V row loaded once for up to 4 query rows.
 // Each tile prefetches the K (then V) lines of a tile ahead: blocks sit at random places in the
@@ -51,6 +52,7 @@ struct Avx512 {
   using V = __m512;
   static constexpr int W = 16;
   static constexpr int kRows = 4;  // query rows per value-sum pass: 4 x 4 accumulators of 32 registers
+  static constexpr int kScoreRows = 3;  // query rows per K load in the scores: 3 x 8 accumulators + 3 q + 1 k
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V load(const uint16_t* p) {  // 16 bfloat16 -> float32
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -98,6 +100,7 @@ struct Avx2 {
   using V = __m256;
   static constexpr int W = 8;
   static constexpr int kRows = 2;  // 2 x 4 accumulators of 16 registers
+  static constexpr int kScoreRows = 1;  // 8 accumulators + q + k: a second row would spill
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V load(const uint16_t* p) {  // 8 bfloat16 -> float32
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
@@ -138,6 +141,7 @@ struct Scalar {  // any CPU, any head_dim
   using V = float;
   static constexpr int W = 1;
   static constexpr int kRows = 2;
+  static constexpr int kScoreRows = 1;
   static V load(const float* p) { return *p; }
   static V load(const uint16_t* p) {  // bfloat16 -> float32
     const uint32_t bits = static_cast<uint32_t>(*p) << 16;
@@ -201,22 +205,60 @@ struct Kernel {
     return S::zero_below(x, -87.5f, S::mul(y, S::pow2(n)));
   }
 
-  // Scores of one query row against the W rows of a tile: W independent accumulators (no
-  // dependency chain across tokens), summed across lanes together at the end. The rows are walked
-  // 8 at a time so that their pointers fit in the general registers (16 would spill in the loop).
-  static V dot_tile(const float* q, const E* const* rows, int64_t off, int64_t D) {
+  // Scores of R query rows (q_stride apart) against the W rows of a tile: per query row W
+  // independent accumulators (no dependency chain across tokens), summed across lanes together at
+  // the end. The rows are walked 8 at a time so that their pointers and the R x 8 accumulators fit
+  // in the registers. Each K vector is loaded, and a bfloat16 one widened, once for all R rows
+  // (it was once per row); each row's sums run in the same order whatever R, so its scores are the
+  // same bit for bit. out[r]: row r's W scores.
+  template <int R>
+  static void dot_tile(const float* q, int64_t q_stride, const E* const* rows, int64_t off, int64_t D, V* out) {
     constexpr int T = W < 8 ? W : 8;
-    V acc[W];
-#pragma GCC unroll 16
-    for (int t = 0; t < W; ++t) acc[t] = S::set1(0.f);
+    V acc[R][W];
 #pragma GCC unroll 2
-    for (int t0 = 0; t0 < W; t0 += T)
-      for (int64_t d = 0; d < D; d += W) {
-        const V qv = S::load(q + d);
+    for (int t0 = 0; t0 < W; t0 += T) {
+      V a[R][T];
 #pragma GCC unroll 8
-        for (int t = t0; t < t0 + T; ++t) acc[t] = S::fma(qv, S::load(rows[t] + off + d), acc[t]);
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) a[r][t] = S::set1(0.f);
+      for (int64_t d = 0; d < D; d += W) {
+        V qv[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) qv[r] = S::load(q + r * q_stride + d);
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) {
+          const V k = S::load(rows[t0 + t] + off + d);
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) a[r][t] = S::fma(qv[r], k, a[r][t]);
+        }
       }
-    return S::sum_lanes(acc);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) acc[r][t0 + t] = a[r][t];
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) out[r] = S::sum_lanes(acc[r]);
+  }
+
+  // The scaled scores of the G query rows of KV head h against one tile, S::kScoreRows rows per K load.
+  static void scores_tile(float* scores, int64_t Lp, const float* q, int64_t q_stride, const E* const* rows,
+                          int64_t off, int64_t G, int64_t D, float scale) {
+    V s[S::kScoreRows];
+    for (int64_t g = 0; g < G;) {
+      const int64_t R = std::min<int64_t>(S::kScoreRows, G - g);
+      const float* qg = q + g * q_stride;
+      if constexpr (S::kScoreRows >= 3) {
+        if (R == 3) dot_tile<3>(qg, q_stride, rows, off, D, s);
+        else if (R == 2) dot_tile<2>(qg, q_stride, rows, off, D, s);
+        else dot_tile<1>(qg, q_stride, rows, off, D, s);
+      } else {
+        dot_tile<1>(qg, q_stride, rows, off, D, s);
+      }
+      for (int64_t r = 0; r < R; ++r) S::store(scores + (g + r) * Lp, S::mul(s[r], S::set1(scale)));
+      g += R;
+    }
   }
 
   // For R query rows at once, acc[r][0 .. C*W) += sum over t < n of p[r][t] * rows[t][off ..]
@@ -316,10 +358,7 @@ struct Kernel {
       for (int t = 0; t < W; ++t) tile[t] = p.kc + slots[l0 + t] * sf;
       for (int64_t h = h0; h < h1; ++h) {
         if (l0 + ahead < L) prefetch_rows(p.kc, &slots[l0 + ahead], sf, h * D, D);
-        for (int64_t g = 0; g < G; ++g) {
-          const V s = dot_tile(q + (h * G + g) * p.q_sh, tile, h * D, D);
-          S::store(scores + ((h - h0) * G + g) * Lp + l0, S::mul(s, S::set1(p.scale)));
-        }
+        scores_tile(scores + (h - h0) * G * Lp + l0, Lp, q + h * G * p.q_sh, p.q_sh, tile, h * D, G, D, p.scale);
       }
     }
     prefetch_first(p.vc);
