@@ -30,7 +30,9 @@ import torch
 
 from kernels import cpu_build
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "paged_decode_cpu.cpp")
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_SOURCE = os.path.join(_CSRC, "paged_decode_cpu.cpp")  # includes csrc/paged_decode_kernel.h and simd_cpu.h
+_SOURCES = [_SOURCE, os.path.join(_CSRC, "paged_decode_kernel.h"), os.path.join(_CSRC, "simd_cpu.h")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 DEFAULT_TIMEOUT_S = 600.0  # the compile, seconds (about a minute on 2 cores)
@@ -74,8 +76,10 @@ def _cpu_model() -> str:
 def _build_name() -> str:
     """Changes with the source bytes, the flags, torch, the Python ABI, the machine and the CPU;
     never with a path, so every virtualenv with the same torch and Python shares one build."""
-    with open(_SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read())
+    digest = hashlib.sha256()
+    for path in _SOURCES:  # the source and the headers it includes
+        with open(path, "rb") as f:
+            digest.update(f.read() + b"\0")
     python_abi = f"{sys.implementation.cache_tag} {sysconfig.get_config_var('EXT_SUFFIX')}"
     for part in (" ".join(_FLAGS), " ".join(_LDFLAGS), torch.__version__, python_abi, platform.machine(),
                  _cpu_model()):
