@@ -31,9 +31,12 @@ import torch
 from kernels import cpu_build
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-_SOURCE = os.path.join(_CSRC, "paged_decode_cpu.cpp")  # includes csrc/paged_decode_kernel.h and simd_cpu.h
-_SOURCES = [_SOURCE, os.path.join(_CSRC, "paged_decode_kernel.h"), os.path.join(_CSRC, "simd_cpu.h")]
-_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+_SOURCE = os.path.join(_CSRC, "paged_decode_cpu.cpp")  # the bindings; includes the headers below
+_SOURCES = [_SOURCE] + [os.path.join(_CSRC, name) for name in ("paged_decode_kernel.h", "simd_cpu.h",
+                                                              "layer_ops_cpu.h", "layer_ops_kernel.h")]
+# -ffp-contract=off: a * b + c stays two rounded ops, as torch computes it (the fused layer ops
+# match torch bit for bit); the attention kernel asks for its FMAs explicitly.
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 _LDFLAGS = ["-fopenmp"]
 DEFAULT_TIMEOUT_S = 600.0  # the compile, seconds (about a minute on 2 cores)
 DEFAULT_LOCK_WAIT_S = 600.0  # waiting for another process's compile, seconds
@@ -133,6 +136,11 @@ def error() -> str | None:
 def last_load() -> LoadResult | None:
     """What this process's `load()` did; None before it ran."""
     return _last
+
+
+def loaded():
+    """The compiled module if `load()` has succeeded in this process, else None (never builds)."""
+    return _module
 
 
 def supports(query: torch.Tensor, key_cache: torch.Tensor) -> bool:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import cpu_kernels, reference, sdpa_paged
+from kernels import cpu_kernels, cpu_layer_ops, reference, sdpa_paged
 
 
 @dataclass
@@ -38,6 +38,14 @@ class AttentionBackend:
     def attend(self, query, key_cache, value_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         raise NotImplementedError
 
+    def rope_write_kv(self, qkv, cos, sin, num_heads: int, num_kv_heads: int, key_cache, value_cache,
+                      meta: AttentionMetadata) -> torch.Tensor | None:
+        """In place of the model's RoPE and ``write_kv``, where the backend has a fused op: rotate
+        q and k of the fused projection ``qkv`` (cos/sin from the model's rope_tables), write K/V,
+        return the query ``[num_tokens, num_heads, head_dim]``. None: no fused op for these inputs
+        (the model then does both itself)."""
+        return None
+
 
 class TorchAttentionBackend(AttentionBackend):
     """torch's fused SDPA over the paged cache (kernels/sdpa_paged.py, tested against
@@ -64,6 +72,16 @@ class TorchAttentionBackend(AttentionBackend):
     def write_kv(self, key, value, key_cache, value_cache, meta: AttentionMetadata) -> None:
         reference.reshape_and_cache(key, value, key_cache, value_cache, meta.slot_mapping)
         self._step_kv = (key, value)
+
+    def rope_write_kv(self, qkv, cos, sin, num_heads: int, num_kv_heads: int, key_cache, value_cache,
+                      meta: AttentionMetadata) -> torch.Tensor | None:
+        if not (self.cpu_kernel and cpu_layer_ops.applies(qkv, cos, sin, key_cache) and key_cache.is_contiguous()):
+            return None
+        query, key = cpu_layer_ops.rope_write_kv(qkv, cos, sin, num_heads, num_kv_heads, key_cache, value_cache,
+                                                 meta.slot_mapping)
+        head_dim = key_cache.shape[-1]
+        self._step_kv = (key, qkv[:, (num_heads + num_kv_heads) * head_dim:].view(-1, num_kv_heads, head_dim))
+        return query
 
     def attend(self, query, key_cache, value_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """query ``[num_tokens, num_q_heads, head_dim]`` -> output of the same shape and dtype."""

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import cpu_layer_ops
 from worker.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
 from worker.models.llama_weights import load_sharded_weights
 from worker.parallel import ParallelGroup, ShardLayout, shard_layout
@@ -128,7 +129,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """RMSNorm(x); with `residual`, (RMSNorm(residual + x), residual + x), the residual add of
+        a layer fused into its next norm (the CPU op updates `residual` in place)."""
+        if x.dim() == 2 and cpu_layer_ops.applies(x, self.weight) and x.is_contiguous() and (
+                residual is None or residual.is_contiguous()):
+            out = cpu_layer_ops.rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is not None:
+            residual = residual + x
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Hugging Face's LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) in float32, rounded to x's dtype,
         # then times the weight. F.rms_norm computes the first part in one op, bit for bit the same.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
@@ -152,6 +165,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
         num_tokens = x.shape[0]
         qkv = self.wqkv(x)
+        key_cache, value_cache = kv_cache
+        # The backend's fused RoPE and K/V write where it has one (CPU), else torch ops and write_kv.
+        q = None if self.q_norm is not None else self.backend.rope_write_kv(
+            qkv, cos, sin, self.num_heads, self.num_kv_heads, key_cache, value_cache, meta)
+        if q is not None:
+            out = self.backend.attend(q, key_cache, value_cache, meta, self.scale)
+            return self.group.all_reduce(self.wo(out.reshape(num_tokens, self.q_size)))
         v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is None:  # q and k are adjacent in the fused output: one rotation for both
             qk = qkv[:, :self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
@@ -162,7 +182,6 @@ class Attention(nn.Module):
             k = self.k_norm(qkv[:, self.q_size:self.q_size + self.kv_size].view(num_tokens, self.num_kv_heads,
                                                                                    self.head_dim))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        key_cache, value_cache = kv_cache
         self.backend.write_kv(k, v, key_cache, value_cache, meta)
         out = self.backend.attend(q, key_cache, value_cache, meta, self.scale)
         return self.group.all_reduce(self.wo(out.reshape(num_tokens, self.q_size)))
@@ -179,7 +198,10 @@ class FeedForward(nn.Module):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
+        gate_up = self.w13(x)
+        if cpu_layer_ops.applies(gate_up) and gate_up.is_contiguous():
+            return self.group.all_reduce(self.w2(cpu_layer_ops.silu_mul(gate_up)))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.group.all_reduce(self.w2(F.silu(gate) * up))
 
 
@@ -211,9 +233,16 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.feed_forward = FeedForward(args, layout, group)
 
-    def forward(self, x, cos, sin, kv_cache, meta):
-        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, meta)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, residual, cos, sin, kv_cache, meta):
+        """x: the last layer's output (the embeddings at the first, with residual None);
+        residual: the running sum of the layers' outputs before it. Returns this layer's
+        (output, residual): the residual adds happen inside the next norm."""
+        if residual is None:
+            x, residual = self.attention_norm(x), x
+        else:
+            x, residual = self.attention_norm(x, residual)
+        x, residual = self.ffn_norm(self.attention(x, cos, sin, kv_cache, meta), residual)
+        return self.feed_forward(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -247,9 +276,10 @@ class LlamaForCausalLM(nn.Module):
         angles = positions.float()[:, None] * self.inv_freq[None, :]
         x = self.tok_embeddings(input_ids)
         cos, sin = rope_tables(angles, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden ``[rows, hidden_size]`` (only the rows to sample) -> float32
