@@ -1,12 +1,13 @@
 """Profile the worker's decode step alone (no scheduler, no IPC): where a step's time goes.
 
     python -m bench.step_profile [--batch 64] [--context 512] [--steps 20] [--dtype float32]
-                                 [--cpu-linear auto|onednn|torch] [--ops 15]
+                                 [--cpu-linear auto|onednn|torch] [--ops 15] [--prefill]
 
 Builds a ModelRunner for --model, registers --batch sequences of --context random
 prompt tokens, prefills them, then times --steps decode steps (ModelRunner.execute,
 greedy) and prints the phases the runner reports (StepResult.phase_times_s) and,
-with --ops N, torch.profiler's top N operators by self CPU time.
+with --ops N, torch.profiler's top N operators by self CPU time. --prefill times (and with --ops
+profiles) the prefill steps instead: as many whole prompts per step as the token budget holds.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"])
     parser.add_argument("--ops", type=int, default=0, help="print torch.profiler's top N ops")
+    parser.add_argument("--prefill", action="store_true", help="time the prefill steps, not decode")
     args = parser.parse_args(argv)
 
     import torch
@@ -57,11 +59,27 @@ def main(argv: list[str] | None = None) -> int:
     step_id = 0
     # Prefill a few sequences per step, within the token budget.
     per_step = max(1, config.scheduler.max_num_batched_tokens // args.context)
+    prefill_times = []
     for first in range(0, args.batch, per_step):
         ids = range(first, min(args.batch, first + per_step))
-        runner.execute(StepPlan(step_id, [ScheduledSeq(i, args.context, 0) for i in ids],
-                                new_seqs=[new_seqs[i] for i in ids]))
+        plan = StepPlan(step_id, [ScheduledSeq(i, args.context, 0) for i in ids], new_seqs=[new_seqs[i] for i in ids])
+        profiling = args.prefill and args.ops and first > 0 and first + per_step >= args.batch
+        started = time.perf_counter()
+        if profiling:  # the last full step, after a warm-up
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                runner.execute(plan)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
+        else:
+            runner.execute(plan)
+        if first > 0 and len(ids) == per_step and not profiling:
+            prefill_times.append(time.perf_counter() - started)
         step_id += 1
+    if args.prefill:
+        step_ms = statistics.median(prefill_times) * 1000 if prefill_times else float("nan")
+        print(f"prefill step, {per_step} prompts of {args.context} tokens, {args.dtype}, "
+              f"{torch.get_num_threads()} threads: median {step_ms:.1f} ms over {len(prefill_times)} steps "
+              f"({step_ms / (per_step * args.context):.3f} ms per token)")
+        return 0
     computed = args.context
 
     def decode_step():

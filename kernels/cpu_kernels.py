@@ -154,13 +154,9 @@ def paged_decode_attention(out, query, key_cache, value_cache, block_tables, seq
     """As kernels/reference.py's, for `supports(query, key_cache)` inputs, after `load()` succeeded.
 
     The kernel computes in float32: a bfloat16 query is widened first and the float32 result
-    rounded into `out` (both [batch, heads, head_dim], small next to the cache it reads)."""
+    rounded into `out` (both [batch, heads, head_dim], small next to the cache it reads), inside
+    the C++ call."""
     if query.shape[0] == 0:
         return
     tables, lens = block_tables.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
-    if query.dtype == torch.float32:
-        _module.paged_decode_f32(out, query, key_cache, value_cache, tables, lens, float(scale))
-        return
-    result = torch.empty(query.shape, dtype=torch.float32)
-    _module.paged_decode_f32(result, query.float(), key_cache, value_cache, tables, lens, float(scale))
-    out.copy_(result)
+    _module.paged_decode_f32(out, query, key_cache, value_cache, tables, lens, float(scale))

@@ -61,6 +61,7 @@ class TorchAttentionBackend(AttentionBackend):
         """`cpu_kernel`: decode float32 and bfloat16 CPU rows with kernels/cpu_kernels.py (built here, once per
         machine, if it can be); the SDPA path otherwise."""
         self._step_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._causal_rows: tuple[AttentionMetadata, torch.Tensor, torch.Tensor] | None = None
         self.cpu_kernel = cpu_kernel and cpu_kernels.load() is not None
 
     def _decode(self, out, query, key_cache, value_cache, block_tables, seq_lens, scale: float) -> None:
@@ -90,6 +91,15 @@ class TorchAttentionBackend(AttentionBackend):
         if meta.decode_only:
             self._decode(out, query, key_cache, value_cache, meta.block_tables, meta.seq_lens, scale)
             return out
+        if self.cpu_kernel and cpu_kernels.supports(query, key_cache):
+            # Every token as a decode row over its own causal context (its K/V are in the cache
+            # already). On a CPU this beats SDPA's flash attention at every prompt length here
+            # (0.77 -> ~0.3 ms per 185-token prompt and layer): a row's context stays in L2.
+            if self._causal_rows is None or self._causal_rows[0] is not meta:  # once per step, not per layer
+                self._causal_rows = (meta, *causal_rows(meta))
+            _, tables, lens = self._causal_rows
+            cpu_kernels.paged_decode_attention(out, query, key_cache, value_cache, tables, lens, scale)
+            return out
         # A mixed step: one-token sequences go through the batched decode path, so a long
         # prefill does not make every decode in its step loop in Python.
         query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
@@ -115,6 +125,17 @@ class TorchAttentionBackend(AttentionBackend):
                                            None if value is None else value[prefill_rows])
         out[prefill_rows] = prefill_out
         return out
+
+
+def causal_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token of the step as a decode row: (its sequence's block table row ``[num_tokens,
+    max_blocks]``, its context length int32 ``[num_tokens]``: its position + 1)."""
+    starts = meta.query_start_loc.long()
+    query_lens = starts[1:] - starts[:-1]
+    seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens), device=starts.device), query_lens)
+    index_in_seq = torch.arange(len(seq_of_token), device=starts.device) - starts[seq_of_token]
+    lens = meta.seq_lens.long()[seq_of_token] - query_lens[seq_of_token] + index_in_seq + 1
+    return meta.block_tables.index_select(0, seq_of_token), lens.to(torch.int32)
 
 
 def get_attention_backend(name: str = "torch", device: torch.device | str | None = None) -> AttentionBackend:

@@ -80,9 +80,18 @@ void dispatch(int64_t lanes, F&& f) {
 
 // lanes: 0 for the widest compiled instruction set that divides head_dim, else one of compiled_lanes().
 // query/out float32; the caches float32 or bfloat16 (both the same).
+// A bfloat16 query and out (the model's dtype) are widened here and the result rounded back, in
+// one call from Python rather than three.
 void paged_decode_f32(torch::Tensor out, torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
                       torch::Tensor block_tables, torch::Tensor seq_lens, double scale, int64_t lanes) {
-  TORCH_CHECK(query.scalar_type() == torch::kFloat && out.scalar_type() == torch::kFloat, "float32 query and out");
+  if (query.scalar_type() == torch::kBFloat16 && out.scalar_type() == torch::kBFloat16) {
+    auto result = torch::empty(query.sizes(), query.options().dtype(torch::kFloat));
+    paged_decode_f32(result, query.to(torch::kFloat), key_cache, value_cache, block_tables, seq_lens, scale, lanes);
+    out.copy_(result);
+    return;
+  }
+  TORCH_CHECK(query.scalar_type() == torch::kFloat && out.scalar_type() == torch::kFloat,
+              "float32 query and out, or both bfloat16");
   const auto cache_type = key_cache.scalar_type();
   TORCH_CHECK((cache_type == torch::kFloat || cache_type == torch::kBFloat16) &&
               value_cache.scalar_type() == cache_type, "float32 or bfloat16 caches, both the same");
