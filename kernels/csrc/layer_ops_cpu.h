@@ -32,7 +32,7 @@ using WidestIsa = Avx2;
 using WidestIsa = Scalar;
 #endif
 
-constexpr int64_t kGrainElems = 32768;  // below this a thread's start costs more than its share
+constexpr int64_t kGrainElems = 8192;  // below this a thread's start costs more than its share
 
 int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, row_elems)); }
 
