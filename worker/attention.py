@@ -1,7 +1,8 @@
 """Attention metadata of one step, and the backend that reads and writes the paged KV cache.
 
-The model calls only `AttentionBackend.write_kv` and `AttentionBackend.attend`, so a Triton
-backend with the same two methods can replace `TorchAttentionBackend` without touching the model.
+The model calls only `AttentionBackend.write_kv` (or `rope_write_kv`, where a backend fuses RoPE
+into the cache write) and `AttentionBackend.attend`, so a Triton backend with the same methods can
+replace `TorchAttentionBackend` without touching the model.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class AttentionMetadata:
 
 
 class AttentionBackend:
-    """Interface: ``write_kv`` then ``attend``, once per layer per step."""
+    """Interface: ``write_kv`` (or ``rope_write_kv`` where it returns a query) then ``attend``,
+    once per layer per step."""
 
     name = "abstract"
 
