@@ -44,10 +44,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     same shape, contiguous): ``residual += x`` in place first (rounded to the dtype) and the norm
     is of that sum."""
     out = torch.empty_like(x)
-    if residual is None:
-        cpu_kernels.loaded().rms_norm(out, x, weight, float(eps))
-    else:
-        cpu_kernels.loaded().add_rms_norm(out, x, residual, weight, float(eps))
+    cpu_kernels.loaded().rms_norm(out, x, weight, float(eps), residual)
     return out
 
 
@@ -59,20 +56,16 @@ def rms_norm_reference(x, weight, eps, residual=None):
     return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
-def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
-                  key_cache: torch.Tensor, value_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                  key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
     """qkv ``[tokens, (num_heads + 2 num_kv_heads) head_dim]`` (a fused projection's output);
     cos, sin ``[tokens, head_dim]`` from the model's rope_tables. Rotates q and k (the model's
-    apply_rope), writes k and v into each token's cache slot (int64 `slot_mapping`, negative:
-    not written) and returns (q ``[tokens, num_heads, head_dim]``, k ``[tokens, num_kv_heads,
-    head_dim]``), both new contiguous tensors."""
-    tokens, head_dim = qkv.shape[0], key_cache.shape[-1]
-    q = qkv.new_empty(tokens, num_heads, head_dim)
-    k = qkv.new_empty(tokens, num_kv_heads, head_dim)
-    cpu_kernels.loaded().rope_write_kv(q, k, qkv, cos.contiguous(), sin.contiguous(), key_cache, value_cache,
+    apply_rope), writes the rotated k and v into each token's cache slot (int64 `slot_mapping`;
+    negative: not written) and returns q ``[tokens, num_heads, head_dim]``, a new contiguous tensor."""
+    q = qkv.new_empty(qkv.shape[0], num_heads, key_cache.shape[-1])
+    cpu_kernels.loaded().rope_write_kv(q, qkv, cos.contiguous(), sin.contiguous(), key_cache, value_cache,
                                        slot_mapping.long().contiguous())
-    return q, k
+    return q
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

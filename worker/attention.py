@@ -80,11 +80,9 @@ class TorchAttentionBackend(AttentionBackend):
                       meta: AttentionMetadata) -> torch.Tensor | None:
         if not (self.cpu_kernel and cpu_layer_ops.applies(qkv, cos, sin, key_cache) and key_cache.is_contiguous()):
             return None
-        query, key = cpu_layer_ops.rope_write_kv(qkv, cos, sin, num_heads, num_kv_heads, key_cache, value_cache,
-                                                 meta.slot_mapping)
-        head_dim = key_cache.shape[-1]
-        self._step_kv = (key, qkv[:, (num_heads + num_kv_heads) * head_dim:].view(-1, num_kv_heads, head_dim))
-        return query
+        # No step K/V kept for `attend`: wherever this applies, `attend` reads the cache through the
+        # decode kernel (cpu_kernels.supports holds for the same query and cache).
+        return cpu_layer_ops.rope_write_kv(qkv, cos, sin, num_heads, key_cache, value_cache, meta.slot_mapping)
 
     def attend(self, query, key_cache, value_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """query ``[num_tokens, num_q_heads, head_dim]`` -> output of the same shape and dtype."""

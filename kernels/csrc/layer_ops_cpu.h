@@ -3,7 +3,7 @@
 //   x, residual, out   [N, H] contiguous, float32 or bfloat16, one dtype with the weight [H]
 //   qkv                [N, (Hq + 2 Hkv) * D], elements contiguous within a row (rows any stride)
 //   cos, sin           [N, D] contiguous, the model's rope_tables (sin signed)
-//   q_out, k_out       [N, Hq, D] and [N, Hkv, D] contiguous
+//   q_out              [N, Hq, D] contiguous (k is rotated straight into the cache)
 //   caches             [num_blocks, block_size, Hkv, D] contiguous; slot_mapping int64 [N], a
 //                      negative slot is a padding token, not written
 //   gate_up            [N, 2 I] contiguous (gate first); out [N, I]
@@ -65,52 +65,39 @@ void neg_exp(const T* x, float* out, int64_t n) {
 
 }  // namespace
 
-void rms_norm_cpu(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double eps) {
+// residual: undefined for a plain norm; else residual += x in place first and the norm is of the sum.
+void rms_norm_cpu(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double eps,
+                  c10::optional<torch::Tensor> residual) {
   check_same(x, out, "rms_norm x/out");
   check_same(x, weight, "rms_norm x/weight");
   const int64_t N = x.size(0), H = x.size(-1);
   check_rows(x, N, H, "x");
   check_rows(out, N, H, "out");
+  if (residual) {
+    check_same(x, *residual, "rms_norm x/residual");
+    check_rows(*residual, N, H, "residual");
+  }
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H && weight.is_contiguous(), "weight [H]");
   by_dtype(x, [&](auto tag) {
     using T = decltype(tag);
     const T *xp = static_cast<const T*>(x.data_ptr()), *wp = static_cast<const T*>(weight.data_ptr());
-    T* op = static_cast<T*>(out.data_ptr());
+    T *rp = residual ? static_cast<T*>(residual->data_ptr()) : nullptr, *op = static_cast<T*>(out.data_ptr());
     at::parallel_for(0, N, grain_rows(H), [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) LayerOps<T>::rms_norm_row(xp + n * H, wp, op + n * H, H, float(eps));
+      for (int64_t n = begin; n < end; ++n) {
+        if (rp != nullptr) LayerOps<T>::add_rms_norm_row(xp + n * H, rp + n * H, wp, op + n * H, H, float(eps));
+        else LayerOps<T>::rms_norm_row(xp + n * H, wp, op + n * H, H, float(eps));
+      }
     });
   });
 }
 
-void add_rms_norm_cpu(torch::Tensor out, torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
-  check_same(x, out, "add_rms_norm x/out");
-  check_same(x, residual, "add_rms_norm x/residual");
-  check_same(x, weight, "add_rms_norm x/weight");
-  const int64_t N = x.size(0), H = x.size(-1);
-  check_rows(x, N, H, "x");
-  check_rows(residual, N, H, "residual");
-  check_rows(out, N, H, "out");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H && weight.is_contiguous(), "weight [H]");
-  by_dtype(x, [&](auto tag) {
-    using T = decltype(tag);
-    const T *xp = static_cast<const T*>(x.data_ptr()), *wp = static_cast<const T*>(weight.data_ptr());
-    T *rp = static_cast<T*>(residual.data_ptr()), *op = static_cast<T*>(out.data_ptr());
-    at::parallel_for(0, N, grain_rows(H), [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n)
-        LayerOps<T>::add_rms_norm_row(xp + n * H, rp + n * H, wp, op + n * H, H, float(eps));
-    });
-  });
-}
-
-void rope_write_kv_cpu(torch::Tensor q_out, torch::Tensor k_out, torch::Tensor qkv, torch::Tensor cos,
-                       torch::Tensor sin, torch::Tensor key_cache, torch::Tensor value_cache,
-                       torch::Tensor slot_mapping) {
-  for (const auto* t : {&q_out, &k_out, &cos, &sin, &key_cache, &value_cache}) check_same(qkv, *t, "rope_write_kv");
-  TORCH_CHECK(q_out.dim() == 3 && k_out.dim() == 3 && key_cache.dim() == 4 && qkv.dim() == 2,
-              "q_out [N, Hq, D], k_out [N, Hkv, D], qkv [N, (Hq + 2 Hkv) D], caches [blocks, block_size, Hkv, D]");
-  const int64_t N = qkv.size(0), Hq = q_out.size(1), Hkv = k_out.size(1), D = q_out.size(2);
-  TORCH_CHECK(q_out.is_contiguous() && k_out.is_contiguous() && q_out.size(0) == N && k_out.size(0) == N &&
-              k_out.size(2) == D && D % 2 == 0, "q_out/k_out contiguous, one head_dim (even)");
+void rope_write_kv_cpu(torch::Tensor q_out, torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                       torch::Tensor key_cache, torch::Tensor value_cache, torch::Tensor slot_mapping) {
+  for (const auto* t : {&q_out, &cos, &sin, &key_cache, &value_cache}) check_same(qkv, *t, "rope_write_kv");
+  TORCH_CHECK(q_out.dim() == 3 && key_cache.dim() == 4 && qkv.dim() == 2,
+              "q_out [N, Hq, D], qkv [N, (Hq + 2 Hkv) D], caches [blocks, block_size, Hkv, D]");
+  const int64_t N = qkv.size(0), Hq = q_out.size(1), Hkv = key_cache.size(2), D = q_out.size(2);
+  TORCH_CHECK(q_out.is_contiguous() && q_out.size(0) == N && D % 2 == 0, "q_out contiguous [N, Hq, D], D even");
   TORCH_CHECK(qkv.size(1) == (Hq + 2 * Hkv) * D && qkv.stride(1) == 1, "qkv rows of (Hq + 2 Hkv) * D elements");
   check_rows(cos, N, D, "cos");
   check_rows(sin, N, D, "sin");
@@ -125,17 +112,16 @@ void rope_write_kv_cpu(torch::Tensor q_out, torch::Tensor k_out, torch::Tensor q
     using T = decltype(tag);
     const T *src = static_cast<const T*>(qkv.data_ptr()), *cp = static_cast<const T*>(cos.data_ptr()),
             *sp = static_cast<const T*>(sin.data_ptr());
-    T *qp = static_cast<T*>(q_out.data_ptr()), *kp = static_cast<T*>(k_out.data_ptr());
-    T *kc = static_cast<T*>(key_cache.data_ptr()), *vc = static_cast<T*>(value_cache.data_ptr());
+    T *qp = static_cast<T*>(q_out.data_ptr()), *kc = static_cast<T*>(key_cache.data_ptr()),
+      *vc = static_cast<T*>(value_cache.data_ptr());
     at::parallel_for(0, N, grain_rows(qkv.size(1)), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const T* row = src + n * row_stride;
         for (int64_t h = 0; h < Hq; ++h)
           LayerOps<T>::rope_head(row + h * D, cp + n * D, sp + n * D, qp + (n * Hq + h) * D, D);
-        for (int64_t h = 0; h < Hkv; ++h)
-          LayerOps<T>::rope_head(row + (Hq + h) * D, cp + n * D, sp + n * D, kp + (n * Hkv + h) * D, D);
-        if (slots[n] < 0) continue;
-        std::memcpy(kc + slots[n] * slot_elems, kp + n * slot_elems, slot_elems * sizeof(T));
+        if (slots[n] < 0) continue;  // a padding token: its k is never read
+        for (int64_t h = 0; h < Hkv; ++h)  // rotated straight into its slot
+          LayerOps<T>::rope_head(row + (Hq + h) * D, cp + n * D, sp + n * D, kc + slots[n] * slot_elems + h * D, D);
         std::memcpy(vc + slots[n] * slot_elems, row + (Hq + Hkv) * D, slot_elems * sizeof(T));
       }
     });

@@ -155,12 +155,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("seq_lens"), py::arg("scale"), py::arg("lanes") = 0);
   m.def("compiled_lanes", &compiled_lanes, "vector widths (floats) this build has kernels for, widest first");
   m.def("exp_f32", &exp_f32, "the kernels' exp (for the tests)", py::arg("x"), py::arg("lanes"));
-  m.def("rms_norm", &rms_norm_cpu, "out = RMSNorm(x) * weight", py::arg("out"), py::arg("x"), py::arg("weight"),
-        py::arg("eps"));
-  m.def("add_rms_norm", &add_rms_norm_cpu, "residual += x in place, out = RMSNorm(residual) * weight",
-        py::arg("out"), py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("rms_norm", &rms_norm_cpu, "out = RMSNorm(x) * weight; with residual: residual += x in place first",
+        py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
   m.def("rope_write_kv", &rope_write_kv_cpu, "RoPE on q and k of a fused qkv, K/V written to their slots",
-        py::arg("q_out"), py::arg("k_out"), py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("key_cache"),
+        py::arg("q_out"), py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("slot_mapping"));
   m.def("silu_mul", &silu_mul_cpu, "out = SiLU(gate) * up of a fused gate_up", py::arg("out"), py::arg("gate_up"));
 }
